@@ -1,0 +1,396 @@
+// Fused dot interaction kernels, compiled once per ISA level (see setup.py).
+//
+// Forward, per sample: copy row 0, then the strict lower triangle of the Gram
+// matrix.  The AVX-512 path computes 4x4 blocks of dot products with 16 zmm
+// accumulators (fp32 FMA, or vdpbf16ps on bf16 rows) and folds the 16
+// accumulators into one vector with a shuffle tree, so each dot costs its
+// FMAs plus ~3 shuffle/add instructions.
+//
+// Backward, per sample: with S the symmetric N x N matrix holding the
+// triangle of grad_out (zero diagonal), dX = S X, plus grad_out[:, :D] for
+// row 0.  All input gradients come out of one pass over the sample, which
+// stays in L1 (27 x 128 fp32 = 13.5 KB).
+#include "kernels/interaction_kernel.h"
+
+#include <type_traits>
+
+namespace ipex_lite {
+namespace kernels {
+namespace IPEX_LITE_ISA_NS {
+namespace {
+
+inline int64_t tri_offset(int64_t i) { return i * (i - 1) / 2; }
+
+template <typename T>
+struct Elem {  // float and double: computed in their own type
+  using Acc = T;
+  static Acc load(T v) { return v; }
+  static T store(Acc v) { return v; }
+};
+template <>
+struct Elem<uint16_t> {  // bf16: computed in fp32
+  using Acc = float;
+  static float load(uint16_t v) { return bf16_to_f32(v); }
+  static uint16_t store(float v) { return f32_to_bf16(v); }
+};
+
+// Rows of sample b as Acc pointers: the input itself when it already has the
+// accumulation type, otherwise a widened copy in `buf`.
+template <typename T>
+void gather_rows(const void* const* inputs, const int64_t* strides, int64_t n, int64_t d, int64_t b,
+                 typename Elem<T>::Acc* buf, const typename Elem<T>::Acc** rows) {
+  using Acc = typename Elem<T>::Acc;
+  for (int64_t i = 0; i < n; ++i) {
+    const T* src = static_cast<const T*>(inputs[i]) + b * strides[i];
+    if constexpr (std::is_same<T, Acc>::value) {
+      rows[i] = src;
+    } else {
+      Acc* dst = buf + i * d;
+      for (int64_t k = 0; k < d; ++k) dst[k] = Elem<T>::load(src[k]);
+      rows[i] = dst;
+    }
+  }
+}
+
+// Sixteen independent partial sums let the compiler vectorise the dot
+// without reassociating (no -ffast-math).
+template <typename A>
+A dot_generic(const A* a, const A* b, int64_t d) {
+  A part[16] = {};
+  int64_t k = 0;
+  for (; k + 16 <= d; k += 16)
+    for (int l = 0; l < 16; ++l) part[l] += a[k + l] * b[k + l];
+  A s = 0;
+  for (; k < d; ++k) s += a[k] * b[k];
+  for (int l = 0; l < 16; ++l) s += part[l];
+  return s;
+}
+
+template <typename T>
+void forward_generic(const InteractionFwdArgs& a, int64_t begin, int64_t end, void* scratch) {
+  using Acc = typename Elem<T>::Acc;
+  const int64_t n = a.num_inputs, d = a.dim, cols = d + n * (n - 1) / 2;
+  Arena arena(scratch);
+  const Acc** rows = arena.take<const Acc*>(n);
+  Acc* buf = arena.take<Acc>(n * d);
+  for (int64_t b = begin; b < end; ++b) {
+    gather_rows<T>(a.inputs, a.row_strides, n, d, b, buf, rows);
+    T* out = static_cast<T*>(a.out) + b * cols;
+    std::memcpy(out, static_cast<const T*>(a.inputs[0]) + b * a.row_strides[0], sizeof(T) * d);
+    T* tri = out + d;
+    for (int64_t i = 1; i < n; ++i)
+      for (int64_t j = 0; j < i; ++j) tri[tri_offset(i) + j] = Elem<T>::store(dot_generic(rows[i], rows[j], d));
+  }
+}
+
+// S: n x n symmetric, zero diagonal, from the triangle part of one grad row.
+template <typename T, typename Acc>
+void build_s(const T* g_tri, int64_t n, Acc* s) {
+  for (int64_t i = 0; i < n; ++i) {
+    s[i * n + i] = 0;
+    for (int64_t j = 0; j < i; ++j) s[i * n + j] = s[j * n + i] = Elem<T>::load(g_tri[tri_offset(i) + j]);
+  }
+}
+
+template <typename T>
+void backward_generic(const InteractionBwdArgs& a, int64_t begin, int64_t end, void* scratch) {
+  using Acc = typename Elem<T>::Acc;
+  const int64_t n = a.num_inputs, d = a.dim;
+  Arena arena(scratch);
+  const Acc** rows = arena.take<const Acc*>(n);
+  Acc* buf = arena.take<Acc>(n * d);
+  Acc* s = arena.take<Acc>(n * n);
+  Acc* acc = arena.take<Acc>(d);
+  for (int64_t b = begin; b < end; ++b) {
+    gather_rows<T>(a.inputs, a.row_strides, n, d, b, buf, rows);
+    const T* g = static_cast<const T*>(a.grad_out) + b * a.grad_row_stride;
+    build_s(g + d, n, s);
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t k = 0; k < d; ++k) acc[k] = i == 0 ? Elem<T>::load(g[k]) : Acc(0);
+      for (int64_t j = 0; j < n; ++j) {
+        if (j == i) continue;
+        const Acc sij = s[i * n + j];
+        const Acc* x = rows[j];
+        for (int64_t k = 0; k < d; ++k) acc[k] += sij * x[k];
+      }
+      T* out = static_cast<T*>(a.grad_inputs[i]) + b * d;
+      for (int64_t k = 0; k < d; ++k) out[k] = Elem<T>::store(acc[k]);
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+
+// Lane k of the result is the sum of the 16 lanes of v[k].
+inline __m512 reduce16(const __m512 (&v)[16]) {
+  __m512 s1[8];
+#pragma GCC unroll 8
+  for (int p = 0; p < 8; ++p)
+    s1[p] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * p], v[2 * p + 1]),
+                          _mm512_unpackhi_ps(v[2 * p], v[2 * p + 1]));
+  __m512 s2[4];
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q) {
+    const __m512d c = _mm512_castps_pd(s1[2 * q]), e = _mm512_castps_pd(s1[2 * q + 1]);
+    s2[q] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, e)),
+                          _mm512_castpd_ps(_mm512_unpackhi_pd(c, e)));
+  }
+  // Each 128-bit lane of s2[q] now holds partial sums of v[4q .. 4q+3].
+  const __m512 v01 = _mm512_add_ps(_mm512_shuffle_f32x4(s2[0], s2[1], 0x88),
+                                   _mm512_shuffle_f32x4(s2[0], s2[1], 0xdd));
+  const __m512 v23 = _mm512_add_ps(_mm512_shuffle_f32x4(s2[2], s2[3], 0x88),
+                                   _mm512_shuffle_f32x4(s2[2], s2[3], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(v01, v23, 0x88), _mm512_shuffle_f32x4(v01, v23, 0xdd));
+}
+
+struct F32Dot {
+  using T = float;
+  static constexpr int64_t kStep = 16;
+  static __mmask16 mask(int64_t count) { return tail_mask16(count); }
+  static inline void step(__m512 (&acc)[16], const float* const (&a)[4], const float* const (&c)[4],
+                          int64_t k, __mmask16 m) {
+    __m512 va[4], vc[4];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      va[r] = _mm512_maskz_loadu_ps(m, a[r] + k);
+      vc[r] = _mm512_maskz_loadu_ps(m, c[r] + k);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) acc[4 * r + q] = _mm512_fmadd_ps(va[r], vc[q], acc[4 * r + q]);
+  }
+};
+
+#if defined(__AVX512BF16__)
+struct Bf16Dot {  // vdpbf16ps: exact bf16 products, fp32 accumulation
+  using T = uint16_t;
+  static constexpr int64_t kStep = 32;
+  static __mmask32 mask(int64_t count) { return tail_mask32(count); }
+  static inline void step(__m512 (&acc)[16], const uint16_t* const (&a)[4], const uint16_t* const (&c)[4],
+                          int64_t k, __mmask32 m) {
+    __m512i va[4], vc[4];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      va[r] = _mm512_maskz_loadu_epi16(m, a[r] + k);
+      vc[r] = _mm512_maskz_loadu_epi16(m, c[r] + k);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q)
+        acc[4 * r + q] = _mm512_dpbf16_ps(acc[4 * r + q], (__m512bh)va[r], (__m512bh)vc[q]);
+  }
+};
+#endif
+
+// Strict lower triangle of rows * rows^T into tri (row-major, i > j).
+template <typename Dot>
+void gram_lower(const typename Dot::T* const* rows, int64_t n, int64_t d, float* tri) {
+  using T = typename Dot::T;
+  for (int64_t ib = 1; ib < n; ib += 4) {
+    const T* a[4];
+    for (int r = 0; r < 4; ++r) a[r] = rows[min64(ib + r, n - 1)];
+    const int64_t imax = min64(ib + 3, n - 1);
+    for (int64_t jb = 0; jb < imax; jb += 4) {
+      const T* c[4];
+      for (int q = 0; q < 4; ++q) c[q] = rows[min64(jb + q, n - 1)];
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int l = 0; l < 16; ++l) acc[l] = _mm512_setzero_ps();
+      int64_t k = 0;
+      for (; k + Dot::kStep <= d; k += Dot::kStep) Dot::step(acc, a, c, k, Dot::mask(Dot::kStep));
+      if (k < d) Dot::step(acc, a, c, k, Dot::mask(d - k));
+      alignas(64) float r16[16];
+      _mm512_store_ps(r16, reduce16(acc));
+      for (int ri = 0; ri < 4; ++ri) {
+        const int64_t i = ib + ri;
+        if (i >= n) break;
+        const int64_t count = min64(4, i - jb);
+        float* dst = tri + tri_offset(i) + jb;
+        for (int64_t q = 0; q < count; ++q) dst[q] = r16[4 * ri + q];
+      }
+    }
+  }
+}
+
+// Starts pulling the next sample's rows while this one is computed: the
+// rows of one sample live in N different tensors, too many streams for the
+// hardware prefetcher to follow on its own.
+template <typename T>
+inline void prefetch_sample(const InteractionFwdArgs& a, int64_t b) {
+  const int64_t bytes = a.dim * static_cast<int64_t>(sizeof(T));
+  for (int64_t i = 0; i < a.num_inputs; ++i) {
+    const char* p = reinterpret_cast<const char*>(static_cast<const T*>(a.inputs[i]) + b * a.row_strides[i]);
+    for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+  }
+}
+
+void forward_f32_avx512(const InteractionFwdArgs& a, int64_t begin, int64_t end, void* scratch) {
+  const int64_t n = a.num_inputs, d = a.dim, cols = d + n * (n - 1) / 2;
+  Arena arena(scratch);
+  const float** rows = arena.take<const float*>(n);
+  float* packed = arena.take<float>(n * d);
+  for (int64_t i = 0; i < n; ++i) rows[i] = packed + i * d;
+  for (int64_t b = begin; b < end; ++b) {
+    if (b + 1 < end) prefetch_sample<float>(a, b + 1);
+    for (int64_t i = 0; i < n; ++i)
+      std::memcpy(packed + i * d, static_cast<const float*>(a.inputs[i]) + b * a.row_strides[i], sizeof(float) * d);
+    float* out = static_cast<float*>(a.out) + b * cols;
+    std::memcpy(out, packed, sizeof(float) * d);
+    gram_lower<F32Dot>(rows, n, d, out + d);
+  }
+}
+
+void forward_bf16_avx512(const InteractionFwdArgs& a, int64_t begin, int64_t end, void* scratch) {
+  const int64_t n = a.num_inputs, d = a.dim, p = n * (n - 1) / 2, cols = d + p;
+  Arena arena(scratch);
+  float* tri = arena.take<float>(p);
+#if defined(__AVX512BF16__)
+  const uint16_t** rows = arena.take<const uint16_t*>(n);
+#else
+  const float** rows = arena.take<const float*>(n);
+  float* wide = arena.take<float>(n * d);
+#endif
+  for (int64_t b = begin; b < end; ++b) {
+    if (b + 1 < end) prefetch_sample<uint16_t>(a, b + 1);
+    const uint16_t* first = static_cast<const uint16_t*>(a.inputs[0]) + b * a.row_strides[0];
+#if defined(__AVX512BF16__)
+    for (int64_t i = 0; i < n; ++i) rows[i] = static_cast<const uint16_t*>(a.inputs[i]) + b * a.row_strides[i];
+    gram_lower<Bf16Dot>(rows, n, d, tri);
+#else
+    for (int64_t i = 0; i < n; ++i) {
+      const uint16_t* src = static_cast<const uint16_t*>(a.inputs[i]) + b * a.row_strides[i];
+      float* dst = wide + i * d;
+      for (int64_t k = 0; k < d; k += 16) {
+        const __mmask16 m = tail_mask16(d - k);
+        _mm512_mask_storeu_ps(dst + k, m, bf16x16_to_f32(src + k, m));
+      }
+      rows[i] = dst;
+    }
+    gram_lower<F32Dot>(rows, n, d, tri);
+#endif
+    uint16_t* out = static_cast<uint16_t*>(a.out) + b * cols;
+    std::memcpy(out, first, sizeof(uint16_t) * d);
+    for (int64_t k = 0; k < p; k += 16) {
+      const __mmask16 m = tail_mask16(p - k);
+      _mm256_mask_storeu_epi16(out + d + k, m, f32x16_to_bf16(_mm512_maskz_loadu_ps(m, tri + k)));
+    }
+  }
+}
+
+// Rows i0..i0+3 of S X over columns [k, k + 16 * NV); the last vector is
+// masked by `last`.  S is padded to a multiple of 4 rows with zeros.
+template <int NV, typename Store>
+inline void sx_block(const float* s, int64_t n, const float* const* rows, int64_t i0, int64_t k, __mmask16 last,
+                     const Store& store) {
+  __m512 acc[4][NV];
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 x[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) x[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : 0xffff, rows[j] + k + 16 * v);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      const __m512 sv = _mm512_set1_ps(s[(i0 + r) * n + j]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(sv, x[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) store(i0 + r, k + 16 * v, acc[r][v], v == NV - 1 ? last : __mmask16(0xffff));
+}
+
+template <typename Store>
+void sx_all(const float* s, int64_t n, int64_t d, const float* const* rows, const Store& store) {
+  for (int64_t i0 = 0; i0 < n; i0 += 4) {
+    int64_t k = 0;
+    for (; k + 64 <= d; k += 64) sx_block<4>(s, n, rows, i0, k, 0xffff, store);
+    const int64_t rem = d - k;
+    if (rem <= 0) continue;
+    const int64_t nv = (rem + 15) / 16;
+    const __mmask16 last = tail_mask16(rem - 16 * (nv - 1));
+    switch (nv) {
+      case 1: sx_block<1>(s, n, rows, i0, k, last, store); break;
+      case 2: sx_block<2>(s, n, rows, i0, k, last, store); break;
+      case 3: sx_block<3>(s, n, rows, i0, k, last, store); break;
+      default: sx_block<4>(s, n, rows, i0, k, last, store); break;
+    }
+  }
+}
+
+template <typename T>
+void backward_avx512(const InteractionBwdArgs& a, int64_t begin, int64_t end, void* scratch) {
+  constexpr bool kBf16 = std::is_same<T, uint16_t>::value;
+  const int64_t n = a.num_inputs, d = a.dim;
+  const int64_t n_pad = (n + 3) / 4 * 4;
+  Arena arena(scratch);
+  const float** rows = arena.take<const float*>(n);
+  float* wide = arena.take<float>(kBf16 ? n * d : 0);
+  float* s = arena.take<float>(n_pad * n);
+  float* g0 = arena.take<float>(kBf16 ? d : 0);
+  for (int64_t i = n * n; i < n_pad * n; ++i) s[i] = 0.f;
+  for (int64_t b = begin; b < end; ++b) {
+    const T* g = static_cast<const T*>(a.grad_out) + b * a.grad_row_stride;
+    build_s(g + d, n, s);
+    const float* g_first;
+    if constexpr (kBf16) {
+      for (int64_t i = 0; i < n; ++i) {
+        const uint16_t* src = static_cast<const uint16_t*>(a.inputs[i]) + b * a.row_strides[i];
+        float* dst = wide + i * d;
+        for (int64_t k = 0; k < d; k += 16) {
+          const __mmask16 m = tail_mask16(d - k);
+          _mm512_mask_storeu_ps(dst + k, m, bf16x16_to_f32(src + k, m));
+        }
+        rows[i] = dst;
+      }
+      for (int64_t k = 0; k < d; k += 16) {
+        const __mmask16 m = tail_mask16(d - k);
+        _mm512_mask_storeu_ps(g0 + k, m, bf16x16_to_f32(g + k, m));
+      }
+      g_first = g0;
+    } else {
+      for (int64_t i = 0; i < n; ++i) rows[i] = static_cast<const float*>(a.inputs[i]) + b * a.row_strides[i];
+      g_first = g;
+    }
+    auto store = [&](int64_t i, int64_t k, __m512 v, __mmask16 m) {
+      if (i >= n) return;
+      if (i == 0) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, g_first + k));
+      T* dst = static_cast<T*>(a.grad_inputs[i]) + b * d + k;
+      if constexpr (kBf16) {
+        _mm256_mask_storeu_epi16(dst, m, f32x16_to_bf16(v));
+      } else {
+        _mm512_mask_storeu_ps(dst, m, v);
+      }
+    };
+    sx_all(s, n, d, rows, store);
+  }
+}
+
+#endif  // __AVX512F__
+
+}  // namespace
+
+const InteractionKernels& interaction_kernels() {
+#if defined(__AVX512F__)
+  static const InteractionKernels table = {
+      {&forward_f32_avx512, &forward_bf16_avx512, &forward_generic<double>},
+      {&backward_avx512<float>, &backward_avx512<uint16_t>, &backward_generic<double>},
+  };
+#else
+  static const InteractionKernels table = {
+      {&forward_generic<float>, &forward_generic<uint16_t>, &forward_generic<double>},
+      {&backward_generic<float>, &backward_generic<uint16_t>, &backward_generic<double>},
+  };
+#endif
+  return table;
+}
+
+}  // namespace IPEX_LITE_ISA_NS
+}  // namespace kernels
+}  // namespace ipex_lite

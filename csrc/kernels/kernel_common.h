@@ -1,0 +1,91 @@
+// Helpers shared by kernel files.  Included by files that are compiled once
+// per ISA level: everything here has internal linkage (static / anonymous
+// namespace) so that no weak symbol compiled with one level's flags can be
+// picked by the linker for another level.  No torch or std templates here.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace ipex_lite {
+namespace kernels {
+
+// Element types the kernels know; bf16 travels as its raw 16 bits.
+enum KernelDtype : int { kF32 = 0, kBF16 = 1, kF64 = 2, kNumKernelDtypes = 3 };
+
+}  // namespace kernels
+}  // namespace ipex_lite
+
+#ifdef IPEX_LITE_ISA_NS
+namespace ipex_lite {
+namespace kernels {
+namespace IPEX_LITE_ISA_NS {
+namespace {
+
+inline float bf16_to_f32(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Round to nearest even, NaN stays a (quiet) NaN.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Carves 64-byte-aligned pieces out of a caller-provided scratch buffer.
+struct Arena {
+  char* cur;
+  explicit Arena(void* base) : cur(static_cast<char*>(base)) {}
+  template <typename T>
+  T* take(int64_t count) {
+    T* p = reinterpret_cast<T*>(cur);
+    cur += (static_cast<int64_t>(sizeof(T)) * count + 63) & ~int64_t(63);
+    return p;
+  }
+};
+
+#if defined(__AVX512F__)
+inline __m512 bf16x16_to_f32(const uint16_t* src, __mmask16 m) {
+  const __m256i raw = _mm256_maskz_loadu_epi16(m, src);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+inline __m256i f32x16_to_bf16(__m512 v) {
+#if defined(__AVX512BF16__)
+  return (__m256i)_mm512_cvtneps_pbh(v);
+#else
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+  const __m512i out = _mm512_mask_blend_epi32(nan, _mm512_srli_epi32(rounded, 16), quiet);
+  return _mm512_cvtepi32_epi16(out);
+#endif
+}
+
+inline __mmask16 tail_mask16(int64_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1u);
+}
+inline __mmask32 tail_mask32(int64_t count) {
+  return count >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1u << count) - 1u);
+}
+#endif
+
+}  // namespace
+}  // namespace IPEX_LITE_ISA_NS
+}  // namespace kernels
+}  // namespace ipex_lite
+#endif  // IPEX_LITE_ISA_NS

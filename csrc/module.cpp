@@ -1,0 +1,68 @@
+// The Python module ipex_lite._C.  Ops register themselves with the
+// dispatcher when this library is loaded (TORCH_LIBRARY_FRAGMENT in
+// csrc/ops); the module itself only exposes CPU/ISA introspection.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "dispatch/isa.h"
+
+// Claims the namespace: a second library defining ipex_lite ops fails loudly.
+TORCH_LIBRARY(ipex_lite, m) {}
+
+namespace {
+
+using ipex_lite::dispatch::isa_name;
+
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(isa_name(ipex_lite::dispatch::active_isa_level()));
+}
+
+int set_flag(PyObject* dict, const char* key, bool value) {
+  return PyDict_SetItemString(dict, key, value ? Py_True : Py_False);
+}
+
+int set_str(PyObject* dict, const char* key, const char* value) {
+  PyObject* s = PyUnicode_FromString(value);
+  if (s == nullptr) return -1;
+  const int rc = PyDict_SetItemString(dict, key, s);
+  Py_DECREF(s);
+  return rc;
+}
+
+PyObject* isa_info(PyObject*, PyObject*) {
+  namespace d = ipex_lite::dispatch;
+  const d::CpuFeatures& f = d::cpu_features();
+  PyObject* info = PyDict_New();
+  if (info == nullptr) return nullptr;
+  const bool ok =
+      set_str(info, "vendor", f.vendor.c_str()) == 0 && set_str(info, "brand", f.brand.c_str()) == 0 &&
+      set_str(info, "cpu_level", isa_name(d::cpu_isa_level())) == 0 &&
+      set_str(info, "built_level", isa_name(d::built_isa_level())) == 0 &&
+      set_str(info, "active_level", isa_name(d::active_isa_level())) == 0 &&
+      set_flag(info, "avx2", f.avx2) == 0 && set_flag(info, "fma", f.fma) == 0 &&
+      set_flag(info, "f16c", f.f16c) == 0 && set_flag(info, "avx512f", f.avx512f) == 0 &&
+      set_flag(info, "avx512bw", f.avx512bw) == 0 && set_flag(info, "avx512vl", f.avx512vl) == 0 &&
+      set_flag(info, "avx512dq", f.avx512dq) == 0 && set_flag(info, "avx512_bf16", f.avx512_bf16) == 0 &&
+      set_flag(info, "avx512_vnni", f.avx512_vnni) == 0 &&
+      set_flag(info, "avx512_fp16", f.avx512_fp16) == 0 && set_flag(info, "avx_vnni", f.avx_vnni) == 0 &&
+      set_flag(info, "amx_tile", f.amx_tile) == 0 && set_flag(info, "amx_bf16", f.amx_bf16) == 0 &&
+      set_flag(info, "amx_int8", f.amx_int8) == 0 && set_flag(info, "os_avx512", f.os_avx512) == 0 &&
+      set_flag(info, "os_amx", f.os_amx) == 0;
+  if (!ok) {
+    Py_DECREF(info);
+    return nullptr;
+  }
+  return info;
+}
+
+PyMethodDef methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS, "ISA level the kernels run at."},
+    {"isa_info", isa_info, METH_NOARGS, "CPU features and the detected/built/active ISA levels."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "ipex_lite._C", nullptr, -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&module_def); }

@@ -1,0 +1,154 @@
+// ipex_lite::interaction_forward / interaction_backward: schema, input
+// checks, CPU and AutocastCPU implementations.  The loops live in
+// csrc/kernels/interaction_kernel.cpp (one copy per ISA level).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "dispatch/isa.h"
+#include "kernels/interaction_kernel.h"
+
+IPEX_LITE_DECLARE_KERNEL_TABLE(InteractionKernels, interaction_kernels)
+
+namespace ipex_lite {
+namespace {
+
+using kernels::KernelDtype;
+
+KernelDtype kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kernels::kF32;
+    case at::kBFloat16: return kernels::kBF16;
+    case at::kDouble: return kernels::kF64;
+    default: TORCH_CHECK(false, "unreachable dtype ", t);
+  }
+}
+
+// Checks the list and returns the tensors with unit stride along D (a copy
+// only for inputs whose last dimension is strided; row strides are free).
+std::vector<at::Tensor> checked_inputs(const char* op, at::TensorList inputs) {
+  TORCH_CHECK(!inputs.empty(), op, ": inputs must hold at least one tensor");
+  const at::Tensor& first = inputs[0];
+  std::vector<at::Tensor> out;
+  out.reserve(inputs.size());
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const at::Tensor& t = inputs[i];
+    TORCH_CHECK(t.defined(), op, ": inputs[", i, "] is undefined");
+    TORCH_CHECK(t.device().is_cpu(), op, ": inputs[", i, "] is on ", t.device(), "; only CPU tensors are supported");
+    TORCH_CHECK(t.layout() == at::kStrided, op, ": inputs[", i, "] must be a dense (strided) tensor, got ",
+                t.layout());
+    TORCH_CHECK(t.dim() == 2, op, ": inputs[", i, "] must be 2-D (batch, dim), got shape ", t.sizes());
+    const auto dt = t.scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kDouble, op, ": inputs[", i,
+                "] has dtype ", dt, "; expected float32, bfloat16 or float64");
+    TORCH_CHECK(dt == first.scalar_type(), op, ": inputs[", i, "] has dtype ", dt, " but inputs[0] has ",
+                first.scalar_type(), "; all inputs must share one dtype");
+    TORCH_CHECK(t.size(0) == first.size(0), op, ": inputs[", i, "] has batch size ", t.size(0),
+                " but inputs[0] has ", first.size(0));
+    TORCH_CHECK(t.size(1) == first.size(1), op, ": inputs[", i, "] has dim ", t.size(1), " but inputs[0] has ",
+                first.size(1));
+    out.push_back(t.size(1) > 1 && t.stride(1) != 1 ? t.contiguous() : t);
+  }
+  return out;
+}
+
+struct RowPointers {
+  std::vector<const void*> data;
+  std::vector<int64_t> strides;
+  explicit RowPointers(const std::vector<at::Tensor>& ts) {
+    for (const auto& t : ts) {
+      data.push_back(t.data_ptr());
+      strides.push_back(t.size(0) > 1 ? t.stride(0) : 0);
+    }
+  }
+};
+
+// Samples per task: enough work to amortise the scratch allocation.
+constexpr int64_t kGrain = 16;
+
+at::Tensor interaction_forward_cpu(at::TensorList inputs_in) {
+  const auto inputs = checked_inputs("interaction_forward", inputs_in);
+  const int64_t n = static_cast<int64_t>(inputs.size());
+  const int64_t batch = inputs[0].size(0), d = inputs[0].size(1);
+  at::Tensor out = at::empty({batch, d + n * (n - 1) / 2}, inputs[0].options());
+  if (batch == 0 || out.numel() == 0) return out;
+
+  const RowPointers rp(inputs);
+  kernels::InteractionFwdArgs args{rp.data.data(), rp.strides.data(), n, d, out.data_ptr()};
+  const auto fn = IPEX_LITE_KERNEL_TABLE(interaction_kernels).forward[kernel_dtype(out.scalar_type())];
+  const int64_t scratch_bytes = kernels::interaction_fwd_scratch_bytes(n, d);
+  at::parallel_for(0, batch, kGrain, [&](int64_t begin, int64_t end) {
+    at::Tensor scratch = at::empty({scratch_bytes}, at::TensorOptions().dtype(at::kByte));
+    fn(args, begin, end, scratch.data_ptr());
+  });
+  return out;
+}
+
+std::vector<at::Tensor> interaction_backward_cpu(const at::Tensor& grad_out_in, at::TensorList inputs_in) {
+  const auto inputs = checked_inputs("interaction_backward", inputs_in);
+  const int64_t n = static_cast<int64_t>(inputs.size());
+  const int64_t batch = inputs[0].size(0), d = inputs[0].size(1);
+  const int64_t cols = d + n * (n - 1) / 2;
+  TORCH_CHECK(grad_out_in.defined() && grad_out_in.device().is_cpu() && grad_out_in.layout() == at::kStrided,
+              "interaction_backward: grad_out must be a dense CPU tensor");
+  TORCH_CHECK(grad_out_in.dim() == 2 && grad_out_in.size(0) == batch && grad_out_in.size(1) == cols,
+              "interaction_backward: grad_out must have shape (", batch, ", ", cols, "), got ", grad_out_in.sizes());
+  TORCH_CHECK(grad_out_in.scalar_type() == inputs[0].scalar_type(), "interaction_backward: grad_out has dtype ",
+              grad_out_in.scalar_type(), " but the inputs have ", inputs[0].scalar_type());
+  const at::Tensor grad_out = cols > 1 && grad_out_in.stride(1) != 1 ? grad_out_in.contiguous() : grad_out_in;
+
+  std::vector<at::Tensor> grads;
+  std::vector<void*> grad_ptrs;
+  for (int64_t i = 0; i < n; ++i) {
+    grads.push_back(at::empty({batch, d}, inputs[0].options()));
+    grad_ptrs.push_back(grads.back().data_ptr());
+  }
+  if (batch == 0 || d == 0) return grads;
+
+  const RowPointers rp(inputs);
+  kernels::InteractionBwdArgs args{grad_out.data_ptr(), batch > 1 ? grad_out.stride(0) : 0, rp.data.data(),
+                                   rp.strides.data(), grad_ptrs.data(), n, d};
+  const auto fn = IPEX_LITE_KERNEL_TABLE(interaction_kernels).backward[kernel_dtype(grad_out.scalar_type())];
+  const int64_t scratch_bytes = kernels::interaction_bwd_scratch_bytes(n, d);
+  at::parallel_for(0, batch, kGrain, [&](int64_t begin, int64_t end) {
+    at::Tensor scratch = at::empty({scratch_bytes}, at::TensorOptions().dtype(at::kByte));
+    fn(args, begin, end, scratch.data_ptr());
+  });
+  return grads;
+}
+
+// Under autocast(cpu, bf16) the interaction runs in the autocast dtype, as in
+// IPEX: the op is memory-bound, so halving the bytes is the win.
+at::Tensor interaction_forward_autocast(at::TensorList inputs) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
+  const auto dtype = at::autocast::get_autocast_dtype(at::kCPU);
+  std::vector<at::Tensor> cast;
+  cast.reserve(inputs.size());
+  // The kernels have no fp16 path: under an fp16 autocast the inputs pass as they are.
+  for (const auto& t : inputs)
+    cast.push_back(dtype == at::kBFloat16 ? at::autocast::cached_cast(dtype, t, c10::DeviceType::CPU) : t);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ipex_lite::interaction_forward", "")
+                             .typed<at::Tensor(at::TensorList)>();
+  return op.call(cast);
+}
+
+}  // namespace
+}  // namespace ipex_lite
+
+TORCH_LIBRARY_FRAGMENT(ipex_lite, m) {
+  m.def("interaction_forward(Tensor[] inputs) -> Tensor");
+  m.def("interaction_backward(Tensor grad_out, Tensor[] inputs) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(ipex_lite, CPU, m) {
+  m.impl("interaction_forward", &ipex_lite::interaction_forward_cpu);
+  m.impl("interaction_backward", &ipex_lite::interaction_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(ipex_lite, AutocastCPU, m) {
+  m.impl("interaction_forward", &ipex_lite::interaction_forward_autocast);
+}

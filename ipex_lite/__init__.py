@@ -1,0 +1,26 @@
+"""ipex_lite: the Intel Extension for PyTorch feature set on current PyTorch.
+
+    import ipex_lite as ipex
+"""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C
+from . import _ops  # noqa: F401  (fake kernels and autograd for torch.ops.ipex_lite)
+from . import nn
+
+__version__ = "0.1.0"
+__all__ = ["cpu_capability", "isa_info", "nn", "__version__"]
+
+
+def cpu_capability() -> str:
+    """ISA level the kernels run at: 'default', 'avx2', 'avx512' or 'avx512_bf16'.
+
+    It is min(what the CPU supports, what was compiled), lowered by the
+    environment variable IPEX_LITE_ISA when that is set before import.
+    """
+    return _C.cpu_capability()
+
+
+def isa_info() -> dict:
+    """CPU features (cpuid + OS state) and the detected, built and active ISA levels."""
+    return _C.isa_info()

@@ -1,0 +1,120 @@
+"""Build of ipex_lite._C against the torch that is installed (2.8 or newer).
+
+Op files (csrc/ops, csrc/dispatch, csrc/module.cpp) are compiled once with the
+baseline flags.  Kernel files (csrc/kernels/*_kernel.cpp) include no torch
+headers and are compiled once per ISA level, each into its own namespace, with
+that level's -m flags; the runtime picks a level with cpuid (csrc/dispatch).
+"""
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# Order matters: each level is a superset of the previous one.
+ISA_LEVELS = [
+    ("default", []),
+    ("avx2", ["-mavx2", "-mfma", "-mf16c"]),
+    ("avx512", ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw",
+                "-mavx512vl", "-mavx512dq", "-mprefer-vector-width=512"]),
+    ("avx512_bf16", ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw",
+                     "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni",
+                     "-mprefer-vector-width=512"]),
+]
+# -Wno-maybe-uninitialized: GCC 12 false positives inside its own avx512 intrinsics.
+KERNEL_CFLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-Wno-maybe-uninitialized"]
+OP_CFLAGS = ["-O2", "-Wall", "-Wno-unknown-pragmas"]
+# at::parallel_for is header code: op files must see _OPENMP to run in torch's
+# OpenMP pool.  The libgomp.so.1 we link against resolves at run time to the
+# one torch already loaded (same SONAME), so there is a single thread pool.
+OPENMP_FLAGS = ["-fopenmp"]
+
+
+def _is_x86():
+    import platform
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+def _compiler_accepts(flags):
+    """True when $CXX can compile a file with these flags (old compilers lack avx512bf16)."""
+    if not flags:
+        return True
+    cxx = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "probe.cpp")
+        with open(src, "w") as f:
+            f.write("int main() { return 0; }\n")
+        cmd = [cxx, *flags, "-c", src, "-o", os.path.join(d, "probe.o")]
+        return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def built_levels():
+    if not _is_x86():
+        return [ISA_LEVELS[0]]
+    levels = []
+    for name, flags in ISA_LEVELS:
+        if not _compiler_accepts(flags):
+            print(f"ipex_lite: compiler rejects {flags}; ISA levels from {name} up are not built",
+                  file=sys.stderr)
+            break
+        levels.append((name, flags))
+    return levels
+
+
+class BuildWithIsaKernels(BuildExtension):
+    """Compiles every kernel file once per ISA level before the normal build.
+
+    Each level gets its own ninja file under build_temp/isa_<level>, so an
+    incremental rebuild recompiles only what changed.
+    """
+
+    levels = ISA_LEVELS
+
+    def build_extension(self, ext):
+        kernel_sources = sorted(os.path.relpath(p, ROOT)
+                                for p in glob.glob(os.path.join(ROOT, "csrc", "kernels", "*_kernel.cpp")))
+        base = ext.extra_compile_args
+        base = list(base["cxx"] if isinstance(base, dict) else base)
+        base = [f for f in base if f not in OP_CFLAGS and f not in OPENMP_FLAGS]
+        objects = []
+        for name, flags in self.levels:
+            objects += self.compiler.compile(
+                kernel_sources,
+                output_dir=os.path.join(self.build_temp, f"isa_{name}"),
+                macros=[("IPEX_LITE_ISA_NS", "default_isa" if name == "default" else name)],
+                include_dirs=ext.include_dirs,
+                extra_postargs=base + KERNEL_CFLAGS + flags,
+            )
+        ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extension(ext)
+
+
+def make_extension(levels):
+    sources = sorted(glob.glob("csrc/module.cpp") + glob.glob("csrc/dispatch/*.cpp")
+                     + glob.glob("csrc/ops/*.cpp"))
+    names = [n for n, _ in levels]
+    macros = [(f"IPEX_LITE_HAS_{n.upper()}", "1") for n in names]
+    return CppExtension(
+        name="ipex_lite._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=macros,
+        extra_compile_args={"cxx": list(OP_CFLAGS) + OPENMP_FLAGS},
+        extra_link_args=OPENMP_FLAGS,
+        depends=glob.glob("csrc/**/*.h", recursive=True),
+    )
+
+
+LEVELS = built_levels()
+BuildWithIsaKernels.levels = LEVELS
+
+setup(
+    packages=find_packages(include=["ipex_lite", "ipex_lite.*"]),
+    ext_modules=[make_extension(LEVELS)],
+    cmdclass={"build_ext": BuildWithIsaKernels.with_options(use_ninja=True)},
+)

@@ -106,7 +106,9 @@ def make_extension(levels):
         define_macros=macros,
         extra_compile_args={"cxx": list(OP_CFLAGS) + OPENMP_FLAGS},
         extra_link_args=OPENMP_FLAGS,
-        depends=glob.glob("csrc/**/*.h", recursive=True),
+        # Kernel objects are linked in as extra_objects: list their sources so a
+        # kernel-only change relinks the module.
+        depends=glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/kernels/*.cpp"),
     )
 
 

@@ -13,6 +13,8 @@ def _check_interaction_inputs(op, inputs):
     torch._check(len(inputs) > 0, lambda: f"{op}: inputs must hold at least one tensor")
     first = inputs[0]
     for i, t in enumerate(inputs):
+        torch._check(t.device == first.device,
+                     lambda: f"{op}: inputs[{i}] is on {t.device} but inputs[0] is on {first.device}")
         torch._check(t.dim() == 2, lambda: f"{op}: inputs[{i}] must be 2-D (batch, dim), got {tuple(t.shape)}")
         torch._check(t.dtype == first.dtype,
                      lambda: f"{op}: inputs[{i}] has dtype {t.dtype} but inputs[0] has {first.dtype}")

@@ -147,16 +147,16 @@ struct F32Dot {
   using T = float;
   static constexpr int64_t kStep = 16;
   static __mmask16 mask(int64_t count) { return tail_mask16(count); }
+  template <int R>
   static inline void step(__m512 (&acc)[16], const float* const (&a)[4], const float* const (&c)[4],
                           int64_t k, __mmask16 m) {
-    __m512 va[4], vc[4];
+    __m512 va[R], vc[4];
 #pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r) {
-      va[r] = _mm512_maskz_loadu_ps(m, a[r] + k);
-      vc[r] = _mm512_maskz_loadu_ps(m, c[r] + k);
-    }
+    for (int r = 0; r < R; ++r) va[r] = _mm512_maskz_loadu_ps(m, a[r] + k);
 #pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r)
+    for (int q = 0; q < 4; ++q) vc[q] = _mm512_maskz_loadu_ps(m, c[q] + k);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
       for (int q = 0; q < 4; ++q) acc[4 * r + q] = _mm512_fmadd_ps(va[r], vc[q], acc[4 * r + q]);
   }
@@ -167,16 +167,16 @@ struct Bf16Dot {  // vdpbf16ps: exact bf16 products, fp32 accumulation
   using T = uint16_t;
   static constexpr int64_t kStep = 32;
   static __mmask32 mask(int64_t count) { return tail_mask32(count); }
+  template <int R>
   static inline void step(__m512 (&acc)[16], const uint16_t* const (&a)[4], const uint16_t* const (&c)[4],
                           int64_t k, __mmask32 m) {
-    __m512i va[4], vc[4];
+    __m512i va[R], vc[4];
 #pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r) {
-      va[r] = _mm512_maskz_loadu_epi16(m, a[r] + k);
-      vc[r] = _mm512_maskz_loadu_epi16(m, c[r] + k);
-    }
+    for (int r = 0; r < R; ++r) va[r] = _mm512_maskz_loadu_epi16(m, a[r] + k);
 #pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r)
+    for (int q = 0; q < 4; ++q) vc[q] = _mm512_maskz_loadu_epi16(m, c[q] + k);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
       for (int q = 0; q < 4; ++q)
         acc[4 * r + q] = _mm512_dpbf16_ps(acc[4 * r + q], (__m512bh)va[r], (__m512bh)vc[q]);
@@ -184,31 +184,50 @@ struct Bf16Dot {  // vdpbf16ps: exact bf16 products, fp32 accumulation
 };
 #endif
 
+// One R x 4 block of dot products: rows ib..ib+R-1 against rows jb..jb+3,
+// written to the triangle where j < i.  Rows past the end alias row n-1 and
+// their results are dropped.
+template <typename Dot, int R>
+inline void gram_block(const typename Dot::T* const* rows, int64_t n, int64_t d, int64_t ib, int64_t jb,
+                       float* tri) {
+  using T = typename Dot::T;
+  const T* a[4];
+  const T* c[4];
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r) a[r] = rows[min64(ib + r, n - 1)];
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q) c[q] = rows[min64(jb + q, n - 1)];
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int l = 0; l < 16; ++l) acc[l] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + Dot::kStep <= d; k += Dot::kStep) Dot::template step<R>(acc, a, c, k, Dot::mask(Dot::kStep));
+  if (k < d) Dot::template step<R>(acc, a, c, k, Dot::mask(d - k));
+  const __m512 sums = reduce16(acc);
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const int64_t i = ib + r;
+    const int64_t count = min64(4, i - jb);
+    if (i >= n || count <= 0) continue;
+    // 128-bit lane r of `sums` holds dots (i, jb .. jb + 3).
+    const __m512 lane = _mm512_shuffle_f32x4(sums, sums, r * 0x55);
+    _mm_mask_storeu_ps(tri + tri_offset(i) + jb, static_cast<__mmask8>((1u << count) - 1u),
+                       _mm512_castps512_ps128(lane));
+  }
+}
+
 // Strict lower triangle of rows * rows^T into tri (row-major, i > j).
 template <typename Dot>
 void gram_lower(const typename Dot::T* const* rows, int64_t n, int64_t d, float* tri) {
-  using T = typename Dot::T;
   for (int64_t ib = 1; ib < n; ib += 4) {
-    const T* a[4];
-    for (int r = 0; r < 4; ++r) a[r] = rows[min64(ib + r, n - 1)];
+    const int64_t rows_left = n - ib;
     const int64_t imax = min64(ib + 3, n - 1);
     for (int64_t jb = 0; jb < imax; jb += 4) {
-      const T* c[4];
-      for (int q = 0; q < 4; ++q) c[q] = rows[min64(jb + q, n - 1)];
-      __m512 acc[16];
-#pragma GCC unroll 16
-      for (int l = 0; l < 16; ++l) acc[l] = _mm512_setzero_ps();
-      int64_t k = 0;
-      for (; k + Dot::kStep <= d; k += Dot::kStep) Dot::step(acc, a, c, k, Dot::mask(Dot::kStep));
-      if (k < d) Dot::step(acc, a, c, k, Dot::mask(d - k));
-      alignas(64) float r16[16];
-      _mm512_store_ps(r16, reduce16(acc));
-      for (int ri = 0; ri < 4; ++ri) {
-        const int64_t i = ib + ri;
-        if (i >= n) break;
-        const int64_t count = min64(4, i - jb);
-        float* dst = tri + tri_offset(i) + jb;
-        for (int64_t q = 0; q < count; ++q) dst[q] = r16[4 * ri + q];
+      switch (rows_left >= 4 ? 4 : rows_left) {
+        case 1: gram_block<Dot, 1>(rows, n, d, ib, jb, tri); break;
+        case 2: gram_block<Dot, 2>(rows, n, d, ib, jb, tri); break;
+        case 3: gram_block<Dot, 3>(rows, n, d, ib, jb, tri); break;
+        default: gram_block<Dot, 4>(rows, n, d, ib, jb, tri); break;
       }
     }
   }
@@ -217,12 +236,34 @@ void gram_lower(const typename Dot::T* const* rows, int64_t n, int64_t d, float*
 // Starts pulling the next sample's rows while this one is computed: the
 // rows of one sample live in N different tensors, too many streams for the
 // hardware prefetcher to follow on its own.
+constexpr int64_t kPrefetchDistance = 2;  // samples ahead
+
 template <typename T>
 inline void prefetch_sample(const InteractionFwdArgs& a, int64_t b) {
   const int64_t bytes = a.dim * static_cast<int64_t>(sizeof(T));
   for (int64_t i = 0; i < a.num_inputs; ++i) {
     const char* p = reinterpret_cast<const char*>(static_cast<const T*>(a.inputs[i]) + b * a.row_strides[i]);
     for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+  }
+}
+
+// Copies (widening bf16) the rows of sample b into one contiguous block:
+// the N rows of a sample sit in N tensors whose addresses usually agree in
+// their low 12 bits, which makes them fight over the same L1 sets and
+// 4K-alias with the stores of the outputs.
+template <typename T>
+inline void pack_rows_f32(const void* const* inputs, const int64_t* strides, int64_t n, int64_t d, int64_t b,
+                          float* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* src = static_cast<const T*>(inputs[i]) + b * strides[i];
+    for (int64_t k = 0; k < d; k += 16) {
+      const __mmask16 m = tail_mask16(d - k);
+      if constexpr (std::is_same<T, uint16_t>::value) {
+        _mm512_mask_storeu_ps(dst + i * d + k, m, bf16x16_to_f32(src + k, m));
+      } else {
+        _mm512_mask_storeu_ps(dst + i * d + k, m, _mm512_maskz_loadu_ps(m, src + k));
+      }
+    }
   }
 }
 
@@ -233,9 +274,8 @@ void forward_f32_avx512(const InteractionFwdArgs& a, int64_t begin, int64_t end,
   float* packed = arena.take<float>(n * d);
   for (int64_t i = 0; i < n; ++i) rows[i] = packed + i * d;
   for (int64_t b = begin; b < end; ++b) {
-    if (b + 1 < end) prefetch_sample<float>(a, b + 1);
-    for (int64_t i = 0; i < n; ++i)
-      std::memcpy(packed + i * d, static_cast<const float*>(a.inputs[i]) + b * a.row_strides[i], sizeof(float) * d);
+    if (b + kPrefetchDistance < end) prefetch_sample<float>(a, b + kPrefetchDistance);
+    pack_rows_f32<float>(a.inputs, a.row_strides, n, d, b, packed);
     float* out = static_cast<float*>(a.out) + b * cols;
     std::memcpy(out, packed, sizeof(float) * d);
     gram_lower<F32Dot>(rows, n, d, out + d);
@@ -247,31 +287,26 @@ void forward_bf16_avx512(const InteractionFwdArgs& a, int64_t begin, int64_t end
   Arena arena(scratch);
   float* tri = arena.take<float>(p);
 #if defined(__AVX512BF16__)
-  const uint16_t** rows = arena.take<const uint16_t*>(n);
+  using Row = uint16_t;  // dot products straight from bf16 with vdpbf16ps
 #else
-  const float** rows = arena.take<const float*>(n);
-  float* wide = arena.take<float>(n * d);
+  using Row = float;  // widened once per sample
 #endif
+  const Row** rows = arena.take<const Row*>(n);
+  Row* packed = arena.take<Row>(n * d);
+  for (int64_t i = 0; i < n; ++i) rows[i] = packed + i * d;
   for (int64_t b = begin; b < end; ++b) {
-    if (b + 1 < end) prefetch_sample<uint16_t>(a, b + 1);
-    const uint16_t* first = static_cast<const uint16_t*>(a.inputs[0]) + b * a.row_strides[0];
+    if (b + kPrefetchDistance < end) prefetch_sample<uint16_t>(a, b + kPrefetchDistance);
 #if defined(__AVX512BF16__)
-    for (int64_t i = 0; i < n; ++i) rows[i] = static_cast<const uint16_t*>(a.inputs[i]) + b * a.row_strides[i];
+    for (int64_t i = 0; i < n; ++i)
+      std::memcpy(packed + i * d, static_cast<const uint16_t*>(a.inputs[i]) + b * a.row_strides[i],
+                  sizeof(uint16_t) * d);
     gram_lower<Bf16Dot>(rows, n, d, tri);
 #else
-    for (int64_t i = 0; i < n; ++i) {
-      const uint16_t* src = static_cast<const uint16_t*>(a.inputs[i]) + b * a.row_strides[i];
-      float* dst = wide + i * d;
-      for (int64_t k = 0; k < d; k += 16) {
-        const __mmask16 m = tail_mask16(d - k);
-        _mm512_mask_storeu_ps(dst + k, m, bf16x16_to_f32(src + k, m));
-      }
-      rows[i] = dst;
-    }
+    pack_rows_f32<uint16_t>(a.inputs, a.row_strides, n, d, b, packed);
     gram_lower<F32Dot>(rows, n, d, tri);
 #endif
     uint16_t* out = static_cast<uint16_t*>(a.out) + b * cols;
-    std::memcpy(out, first, sizeof(uint16_t) * d);
+    std::memcpy(out, static_cast<const uint16_t*>(a.inputs[0]) + b * a.row_strides[0], sizeof(uint16_t) * d);
     for (int64_t k = 0; k < p; k += 16) {
       const __mmask16 m = tail_mask16(p - k);
       _mm256_mask_storeu_epi16(out + d + k, m, f32x16_to_bf16(_mm512_maskz_loadu_ps(m, tri + k)));
@@ -279,38 +314,50 @@ void forward_bf16_avx512(const InteractionFwdArgs& a, int64_t begin, int64_t end
   }
 }
 
-// Rows i0..i0+3 of S X over columns [k, k + 16 * NV); the last vector is
-// masked by `last`.  S is padded to a multiple of 4 rows with zeros.
+#ifndef IPEX_LITE_BWD_ROWS
+#define IPEX_LITE_BWD_ROWS 4
+#endif
+#ifndef IPEX_LITE_BWD_VECS
+#define IPEX_LITE_BWD_VECS 4
+#endif
+constexpr int kBwdRows = IPEX_LITE_BWD_ROWS;  // rows of S X per register block
+constexpr int kBwdVecs = IPEX_LITE_BWD_VECS;  // 16-float vectors along D per register block
+
+// Rows i0..i0+kBwdRows-1 of S X over columns [k, k + 16 * NV); the last
+// vector is masked by `last`.  S is padded to a multiple of kBwdRows rows
+// with zeros.
 template <int NV, typename Store>
 inline void sx_block(const float* s, int64_t n, const float* const* rows, int64_t i0, int64_t k, __mmask16 last,
                      const Store& store) {
-  __m512 acc[4][NV];
-#pragma GCC unroll 4
-  for (int r = 0; r < 4; ++r)
-#pragma GCC unroll 4
+  constexpr int R = kBwdRows;
+  __m512 acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
     __m512 x[NV];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) x[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : 0xffff, rows[j] + k + 16 * v);
-#pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
       const __m512 sv = _mm512_set1_ps(s[(i0 + r) * n + j]);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(sv, x[v], acc[r][v]);
     }
   }
-#pragma GCC unroll 4
-  for (int r = 0; r < 4; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) store(i0 + r, k + 16 * v, acc[r][v], v == NV - 1 ? last : __mmask16(0xffff));
 }
 
 template <typename Store>
 void sx_all(const float* s, int64_t n, int64_t d, const float* const* rows, const Store& store) {
-  for (int64_t i0 = 0; i0 < n; i0 += 4) {
+  constexpr int64_t kChunk = 16 * kBwdVecs;
+  for (int64_t i0 = 0; i0 < n; i0 += kBwdRows) {
     int64_t k = 0;
-    for (; k + 64 <= d; k += 64) sx_block<4>(s, n, rows, i0, k, 0xffff, store);
+    for (; k + kChunk <= d; k += kChunk) sx_block<kBwdVecs>(s, n, rows, i0, k, 0xffff, store);
     const int64_t rem = d - k;
     if (rem <= 0) continue;
     const int64_t nv = (rem + 15) / 16;
@@ -328,39 +375,23 @@ template <typename T>
 void backward_avx512(const InteractionBwdArgs& a, int64_t begin, int64_t end, void* scratch) {
   constexpr bool kBf16 = std::is_same<T, uint16_t>::value;
   const int64_t n = a.num_inputs, d = a.dim;
-  const int64_t n_pad = (n + 3) / 4 * 4;
+  const int64_t n_pad = (n + kBwdRows - 1) / kBwdRows * kBwdRows;
   Arena arena(scratch);
   const float** rows = arena.take<const float*>(n);
-  float* wide = arena.take<float>(kBf16 ? n * d : 0);
+  float* packed = arena.take<float>(n * d);
   float* s = arena.take<float>(n_pad * n);
-  float* g0 = arena.take<float>(kBf16 ? d : 0);
+  float* g0 = arena.take<float>(d);
+  for (int64_t i = 0; i < n; ++i) rows[i] = packed + i * d;
   for (int64_t i = n * n; i < n_pad * n; ++i) s[i] = 0.f;
   for (int64_t b = begin; b < end; ++b) {
     const T* g = static_cast<const T*>(a.grad_out) + b * a.grad_row_stride;
     build_s(g + d, n, s);
-    const float* g_first;
-    if constexpr (kBf16) {
-      for (int64_t i = 0; i < n; ++i) {
-        const uint16_t* src = static_cast<const uint16_t*>(a.inputs[i]) + b * a.row_strides[i];
-        float* dst = wide + i * d;
-        for (int64_t k = 0; k < d; k += 16) {
-          const __mmask16 m = tail_mask16(d - k);
-          _mm512_mask_storeu_ps(dst + k, m, bf16x16_to_f32(src + k, m));
-        }
-        rows[i] = dst;
-      }
-      for (int64_t k = 0; k < d; k += 16) {
-        const __mmask16 m = tail_mask16(d - k);
-        _mm512_mask_storeu_ps(g0 + k, m, bf16x16_to_f32(g + k, m));
-      }
-      g_first = g0;
-    } else {
-      for (int64_t i = 0; i < n; ++i) rows[i] = static_cast<const float*>(a.inputs[i]) + b * a.row_strides[i];
-      g_first = g;
-    }
+    pack_rows_f32<T>(a.inputs, a.row_strides, n, d, b, packed);
+    const void* g_first_ptr = g;
+    pack_rows_f32<T>(&g_first_ptr, &d, 1, d, 0, g0);
     auto store = [&](int64_t i, int64_t k, __m512 v, __mmask16 m) {
       if (i >= n) return;
-      if (i == 0) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, g_first + k));
+      if (i == 0) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, g0 + k));
       T* dst = static_cast<T*>(a.grad_inputs[i]) + b * d + k;
       if constexpr (kBf16) {
         _mm256_mask_storeu_epi16(dst, m, f32x16_to_bf16(v));

@@ -149,6 +149,14 @@ TORCH_LIBRARY_IMPL(ipex_lite, CPU, m) {
   m.impl("interaction_backward", &ipex_lite::interaction_backward_cpu);
 }
 
+// An empty list carries no dispatch key: without this entry the dispatcher
+// reports a missing fallback instead of our argument error.  Tensors on other
+// devices land here too and get the "only CPU tensors" error.
+TORCH_LIBRARY_IMPL(ipex_lite, CompositeExplicitAutograd, m) {
+  m.impl("interaction_forward", &ipex_lite::interaction_forward_cpu);
+  m.impl("interaction_backward", &ipex_lite::interaction_backward_cpu);
+}
+
 TORCH_LIBRARY_IMPL(ipex_lite, AutocastCPU, m) {
   m.impl("interaction_forward", &ipex_lite::interaction_forward_autocast);
 }

@@ -1,0 +1,75 @@
+# ipex_lite: `make test`, `make demo`, `make bench`; each creates/updates .venv itself.
+#
+#   make test TORCH_SPEC="torch==2.8.0"   # build and test against another torch
+#   make test PYTHON=python3.12           # base interpreter for a new .venv
+#
+# The venv is (re)populated only when TORCH_SPEC changes (stamp .venv/.deps-<spec>).
+# `build` does the editable install once, then always `setup.py build_ext --inplace`
+# (ninja, incremental: seconds when little changed).
+
+PYTHON     ?= python3
+TORCH_SPEC ?= torch==2.13.0
+PIP_ARGS   ?=
+VENV       := .venv
+VPY        := $(VENV)/bin/python
+VPIP       := $(VPY) -m pip
+
+empty :=
+space := $(empty) $(empty)
+SPEC_TAG := $(subst $(space),_,$(subst /,_,$(subst *,x,$(subst <,lt,$(subst >,gt,$(subst =,,$(subst ~,,$(subst !,not,$(TORCH_SPEC)))))))))
+DEPS_STAMP := $(VENV)/.deps-$(SPEC_TAG)
+
+.PHONY: all venv build test demo bench clean distclean
+
+all: test
+
+venv: $(DEPS_STAMP)
+
+$(DEPS_STAMP):
+	@if [ -x "$(VPY)" ] && ! "$(VPY)" -c "import sys" >/dev/null 2>&1; then \
+		echo "make: $(VENV) is broken (base interpreter gone?); recreating it"; rm -rf "$(VENV)"; \
+	fi
+	@if [ ! -x "$(VPY)" ]; then \
+		echo "make: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv "$(VENV)"; \
+	fi
+	$(VPIP) install $(PIP_ARGS) "$(TORCH_SPEC)" numpy pytest hypothesis ninja "setuptools>=64" wheel
+	@rm -f $(VENV)/.deps-*
+	@touch "$@"
+
+# 1. Editable install when the venv does not have ipex_lite installed from this checkout.
+# 2. build_ext --inplace every time; --force (ninja still recompiles only what changed, then
+#    relinks) when the .so is missing or older than csrc/, setup.py or the deps stamp, since
+#    setuptools alone does not notice kernel-only edits or a new torch.
+build: venv
+	@if ! "$(VPY)" -c "import importlib.metadata as m, json, os, sys, urllib.parse as up; \
+d = m.distribution('ipex_lite'); u = json.loads(d.read_text('direct_url.json') or '{}'); \
+here = os.path.realpath(up.unquote(up.urlparse(u.get('url', '')).path)); \
+sys.exit(0 if u.get('dir_info', {}).get('editable') and here == os.path.realpath('.') else 1)" \
+			>/dev/null 2>&1; then \
+		echo "make: installing ipex_lite (editable) into $(VENV)"; \
+		$(VPIP) install $(PIP_ARGS) --no-build-isolation --no-deps -e . ; \
+	fi
+	@so=$$(ls ipex_lite/_C*.so 2>/dev/null | head -n 1); force=; \
+	if [ -z "$$so" ] || [ -n "$$(find csrc setup.py $(DEPS_STAMP) -newer "$$so" -print -quit 2>/dev/null)" ]; then \
+		force=--force; \
+	fi; \
+	echo "$(VPY) setup.py build_ext --inplace $$force"; \
+	"$(VPY)" setup.py build_ext --inplace $$force
+
+test: build
+	$(VPY) -m pytest -q tests
+
+demo: build
+	$(VPY) -m ipex_lite.doctor
+	$(VPY) bench/interaction.py --quick
+
+bench: build
+	$(VPY) bench/interaction.py
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .hypothesis bench/report
+	rm -f ipex_lite/_C*.so
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

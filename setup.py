@@ -44,11 +44,14 @@ def _compiler_accepts(flags):
     """True when $CXX can compile a file with these flags (old compilers lack avx512bf16)."""
     if not flags:
         return True
-    cxx = os.environ.get("CXX", "c++")
+    # The compiler the build will use: $CXX, else the one Python was built with.
+    import shlex
+    import sysconfig
+    cxx = os.environ.get("CXX") or (shlex.split(sysconfig.get_config_var("CXX") or "c++") or ["c++"])[0]
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "probe.cpp")
         with open(src, "w") as f:
-            f.write("int main() { return 0; }\n")
+            f.write("#include <immintrin.h>\nint main() { return 0; }\n")
         cmd = [cxx, *flags, "-c", src, "-o", os.path.join(d, "probe.o")]
         return subprocess.run(cmd, capture_output=True).returncode == 0
 

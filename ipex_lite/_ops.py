@@ -33,6 +33,13 @@ def _interaction_forward_fake(inputs):
 @torch.library.register_fake("ipex_lite::interaction_backward")
 def _interaction_backward_fake(grad_out, inputs):
     _check_interaction_inputs("interaction_backward", inputs)
+    n = len(inputs)
+    batch, dim = inputs[0].shape
+    want = (batch, dim + n * (n - 1) // 2)
+    torch._check(tuple(grad_out.shape) == want,
+                 lambda: f"interaction_backward: grad_out must have shape {want}, got {tuple(grad_out.shape)}")
+    torch._check(grad_out.dtype == inputs[0].dtype,
+                 lambda: f"interaction_backward: grad_out has dtype {grad_out.dtype} but the inputs have {inputs[0].dtype}")
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs]
 
 

@@ -250,3 +250,11 @@ def test_every_isa_level_matches_reference(level):
     for key, (ferr, berr) in res["errors"].items():
         limit = 1e-2 if "bfloat16" in key else 1e-5
         assert ferr < limit and berr < limit, (key, ferr, berr)
+
+
+def test_double_backward_raises_instead_of_silent_zero():
+    xs = make_inputs(3, 2, 4, torch.float64, requires_grad=True)
+    out = interaction(*xs)
+    grads = torch.autograd.grad(out.pow(2).sum(), xs, create_graph=True)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        torch.autograd.grad(sum(g.sum() for g in grads), xs)

@@ -62,6 +62,7 @@ CpuFeatures detect() {
   }
   if (max_leaf >= 7) {
     cpuid(7, 0, r);
+    const unsigned leaf7_subleaves = r[0];
     f.avx2 = f.os_avx && ((r[1] >> 5) & 1);
     const bool os512 = f.os_avx512;
     f.avx512f = os512 && ((r[1] >> 16) & 1);
@@ -73,9 +74,11 @@ CpuFeatures detect() {
     f.amx_bf16 = f.os_amx && ((r[3] >> 22) & 1);
     f.amx_tile = f.os_amx && ((r[3] >> 24) & 1);
     f.amx_int8 = f.os_amx && ((r[3] >> 25) & 1);
-    cpuid(7, 1, r);
-    f.avx_vnni = f.os_avx && ((r[0] >> 4) & 1);
-    f.avx512_bf16 = os512 && ((r[0] >> 5) & 1);
+    if (leaf7_subleaves >= 1) {
+      cpuid(7, 1, r);
+      f.avx_vnni = f.os_avx && ((r[0] >> 4) & 1);
+      f.avx512_bf16 = os512 && ((r[0] >> 5) & 1);
+    }
   }
   f.fma = f.fma && f.os_avx;
   f.f16c = f.f16c && f.os_avx;

@@ -181,16 +181,15 @@ inline void gram_block(const typename Dot::T* const* rows, int64_t n, int64_t d,
   int64_t k = 0;
   for (; k + Dot::kStep <= d; k += Dot::kStep) Dot::template step<R>(acc, a, c, k, Dot::mask(Dot::kStep));
   if (k < d) Dot::template step<R>(acc, a, c, k, Dot::mask(d - k));
-  const __m512 sums = reduce16(acc);
+  alignas(64) float sums[16];  // sums[4r .. 4r+3] = dots (ib + r, jb .. jb + 3)
+  _mm512_store_ps(sums, reduce16(acc));
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     const int64_t i = ib + r;
     const int64_t count = min64(4, i - jb);
     if (i >= n || count <= 0) continue;
-    // 128-bit lane r of `sums` holds dots (i, jb .. jb + 3).
-    const __m512 lane = _mm512_shuffle_f32x4(sums, sums, r * 0x55);
     _mm_mask_storeu_ps(tri + tri_offset(i) + jb, static_cast<__mmask8>((1u << count) - 1u),
-                       _mm512_castps512_ps128(lane));
+                       _mm_load_ps(sums + 4 * r));
   }
 }
 
@@ -296,6 +295,8 @@ void forward_bf16_avx512(const InteractionFwdArgs& a, int64_t begin, int64_t end
 #endif
 constexpr int kBwdRows = IPEX_LITE_BWD_ROWS;  // rows of S X per register block
 constexpr int kBwdVecs = IPEX_LITE_BWD_VECS;  // 16-float vectors along D per register block
+// sx_all's tail switch and interaction_bwd_scratch_bytes (S padded by 4 rows) assume these bounds.
+static_assert(kBwdRows >= 1 && kBwdRows <= 4 && kBwdVecs >= 1 && kBwdVecs <= 4, "register block too large");
 
 // Rows i0..i0+kBwdRows-1 of S X over columns [k, k + 16 * NV); the last
 // vector is masked by `last`.  S is padded to a multiple of kBwdRows rows

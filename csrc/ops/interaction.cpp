@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -75,6 +76,7 @@ at::Tensor interaction_forward_cpu(at::TensorList inputs_in) {
   const int64_t batch = inputs[0].size(0), d = inputs[0].size(1);
   at::Tensor out = at::empty({batch, d + n * (n - 1) / 2}, inputs[0].options());
   if (batch == 0 || out.numel() == 0) return out;
+  if (d == 0) return out.zero_();  // empty dot products; the inputs hold no data to read
 
   const RowPointers rp(inputs);
   kernels::InteractionFwdArgs args{rp.data.data(), rp.strides.data(), n, d, out.data_ptr()};
@@ -155,6 +157,12 @@ TORCH_LIBRARY_IMPL(ipex_lite, CPU, m) {
 TORCH_LIBRARY_IMPL(ipex_lite, CompositeExplicitAutograd, m) {
   m.impl("interaction_forward", &ipex_lite::interaction_forward_cpu);
   m.impl("interaction_backward", &ipex_lite::interaction_backward_cpu);
+}
+
+// Double backward is not implemented: raise instead of autograd's default of
+// warning and treating the gradient as constant (silently wrong 2nd order).
+TORCH_LIBRARY_IMPL(ipex_lite, Autograd, m) {
+  m.impl("interaction_backward", torch::autograd::autogradNotImplementedFallback());
 }
 
 TORCH_LIBRARY_IMPL(ipex_lite, AutocastCPU, m) {

@@ -56,3 +56,112 @@ def _interaction_backward(ctx, grad_out):
 
 torch.library.register_autograd("ipex_lite::interaction_forward", _interaction_backward,
                                 setup_context=_interaction_setup_context)
+
+
+# ---- merged embedding bags ---------------------------------------------------
+
+def _bags(offsets, include_last_offset):
+    return offsets[0].shape[0] - (1 if include_last_offset else 0)
+
+
+def _check_tables(op, weights, indices, offsets):
+    torch._check(len(weights) > 0, lambda: f"{op}: weights must hold at least one table")
+    torch._check(len(indices) == len(weights) and len(offsets) == len(weights),
+                 lambda: f"{op}: weights, indices and offsets must have one entry per table")
+
+
+@torch.library.register_fake("ipex_lite::merged_embedding_bag_forward")
+def _meb_forward_fake(weights, indices, offsets, pooling_mode, include_last_offset, per_sample_weights):
+    _check_tables("merged_embedding_bag_forward", weights, indices, offsets)
+    batch = _bags(offsets, include_last_offset)
+    return [weights[0].new_empty((batch, weights[0].shape[1])) for _ in weights]
+
+
+@torch.library.register_fake("ipex_lite::merged_embedding_bag_cat_forward")
+def _meb_cat_forward_fake(dense, weights, indices, offsets, pooling_mode, include_last_offset,
+                          per_sample_weights):
+    _check_tables("merged_embedding_bag_cat_forward", weights, indices, offsets)
+    batch = _bags(offsets, include_last_offset)
+    return weights[0].new_empty((batch, (len(weights) + 1) * weights[0].shape[1]))
+
+
+@torch.library.register_fake("ipex_lite::merged_embedding_bag_backward")
+def _meb_backward_fake(grads, weights, indices, offsets, pooling_mode, include_last_offset,
+                       per_sample_weights):
+    _check_tables("merged_embedding_bag_backward", weights, indices, offsets)
+    return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+
+
+@torch.library.register_fake("ipex_lite::merged_embedding_bag_backward_rows")
+def _meb_backward_rows_fake(grads, weights, indices, offsets, pooling_mode, include_last_offset,
+                            per_sample_weights):
+    _check_tables("merged_embedding_bag_backward_rows", weights, indices, offsets)
+    ctx = torch.library.get_ctx()
+    rows, values = [], []
+    for w in weights:
+        n = ctx.new_dynamic_size()
+        rows.append(w.new_empty((n,), dtype=torch.long))
+        values.append(w.new_empty((n, w.shape[1])))
+    return rows, values
+
+
+@torch.library.register_fake("ipex_lite::merged_embedding_bag_sgd_")
+def _meb_sgd_fake(grads, weights, trails, indices, offsets, pooling_mode, include_last_offset,
+                  per_sample_weights, lr, weight_decay):
+    return None
+
+
+@torch.library.register_fake("ipex_lite::merged_embedding_bag_adagrad_")
+def _meb_adagrad_fake(grads, weights, trails, state_sums, indices, offsets, pooling_mode, include_last_offset,
+                      per_sample_weights, lr, eps):
+    return None
+
+
+def _meb_setup_context(ctx, inputs, output):
+    weights, indices, offsets, mode, include_last, psw = inputs
+    ctx.num_tables = len(weights)
+    ctx.lookup = (mode, include_last)
+    ctx.save_for_backward(*weights, *indices, *offsets, *psw)
+    ctx.has_psw = len(psw) > 0
+
+
+def _meb_saved(ctx):
+    saved = list(ctx.saved_tensors)
+    t = ctx.num_tables
+    weights, indices, offsets = saved[:t], saved[t:2 * t], saved[2 * t:3 * t]
+    psw = saved[3 * t:] if ctx.has_psw else []
+    return weights, indices, offsets, psw
+
+
+def _meb_backward(ctx, grads):
+    weights, indices, offsets, psw = _meb_saved(ctx)
+    mode, include_last = ctx.lookup
+    batch = _bags(offsets, include_last)
+    grads = [g if g is not None else weights[0].new_zeros((batch, weights[0].shape[1])) for g in grads]
+    dense = ops.merged_embedding_bag_backward(list(grads), weights, indices, offsets, mode, include_last, psw)
+    t = ctx.num_tables
+    return list(dense), [None] * t, [None] * t, None, None, [None] * len(psw)
+
+
+torch.library.register_autograd("ipex_lite::merged_embedding_bag_forward", _meb_backward,
+                                setup_context=_meb_setup_context)
+
+
+def _meb_cat_setup_context(ctx, inputs, output):
+    dense, weights, indices, offsets, mode, include_last, psw = inputs
+    _meb_setup_context(ctx, (weights, indices, offsets, mode, include_last, psw), output)
+    ctx.dim = dense.shape[1]
+
+
+def _meb_cat_backward(ctx, grad):
+    weights, indices, offsets, psw = _meb_saved(ctx)
+    mode, include_last = ctx.lookup
+    d = ctx.dim
+    table_grads = [grad[:, (t + 1) * d:(t + 2) * d] for t in range(ctx.num_tables)]
+    dense = ops.merged_embedding_bag_backward(table_grads, weights, indices, offsets, mode, include_last, psw)
+    t = ctx.num_tables
+    return grad[:, :d].clone(), list(dense), [None] * t, [None] * t, None, None, [None] * len(psw)
+
+
+torch.library.register_autograd("ipex_lite::merged_embedding_bag_cat_forward", _meb_cat_backward,
+                                setup_context=_meb_cat_setup_context)

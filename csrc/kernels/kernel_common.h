@@ -79,11 +79,10 @@ inline __m256i f32x16_to_bf16(__m512 v) {
 #endif
 }
 
+// Lanes [0, count) set; count may be <= 0 (no lanes) or past the vector.
 inline __mmask16 tail_mask16(int64_t count) {
+  if (count <= 0) return 0;
   return count >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1u);
-}
-inline __mmask32 tail_mask32(int64_t count) {
-  return count >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1u << count) - 1u);
 }
 #endif
 

@@ -1,3 +1,6 @@
-from . import functional
+from . import functional, modules
+from .modules import (EmbeddingSpec, MergedEmbeddingBag, MergedEmbeddingBagWithAdaGrad, MergedEmbeddingBagWithCat,
+                      MergedEmbeddingBagWithSGD)
 
-__all__ = ["functional"]
+__all__ = ["functional", "modules", "EmbeddingSpec", "MergedEmbeddingBag", "MergedEmbeddingBagWithSGD",
+           "MergedEmbeddingBagWithAdaGrad", "MergedEmbeddingBagWithCat"]

@@ -1,0 +1,338 @@
+"""IPEX-compatible modules: merged embedding bags (plain, with fused SGD /
+Adagrad updates, with the dense feature concatenated)."""
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+__all__ = ["EmbeddingSpec", "MergedEmbeddingBag", "MergedEmbeddingBagWithSGD", "MergedEmbeddingBagWithAdaGrad",
+           "MergedEmbeddingBagWithCat"]
+
+ops = torch.ops.ipex_lite
+_MODES = {"sum": 0, "mean": 1, "max": 2}
+
+
+class EmbeddingSpec(NamedTuple):
+    """One table: rows, embedding size, pooling ('sum'|'mean'|'max'), dtype,
+    optional initial weight (copied), sparse gradients (MergedEmbeddingBag only)."""
+    num_of_features: int
+    feature_size: int
+    pooling_modes: str
+    dtype: torch.dtype
+    weight: Optional[torch.Tensor] = None
+    sparse: bool = False
+
+
+Lists = Union[Sequence[torch.Tensor], torch.Tensor]
+
+
+def split_table_batched(values: torch.Tensor, offsets: torch.Tensor, num_tables: int,
+                        include_last_offset: bool = True) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """torchrec/fbgemm layout -> per-table lists.
+
+    ``values`` holds every table's indices, table-major; ``offsets`` has
+    T*B+1 entries (bag starts, then the end).  Returns per-table
+    (indices, offsets) with offsets rebased to 0; with include_last_offset the
+    per-table offsets keep their end (B+1 entries).
+    """
+    if values.dim() != 1 or offsets.dim() != 1:
+        raise ValueError("split_table_batched: values and offsets must be 1-D")
+    total = offsets.numel() - 1
+    if total < 0 or total % num_tables != 0:
+        raise ValueError(f"split_table_batched: offsets must have T*B+1 entries for T={num_tables} tables, "
+                         f"got {offsets.numel()}")
+    batch = total // num_tables
+    bounds = offsets[::batch].tolist() if batch > 0 else [0] * (num_tables + 1)
+    if bounds[-1] > values.numel() or any(b > c for b, c in zip(bounds, bounds[1:])):
+        raise ValueError("split_table_batched: offsets must be non-decreasing and end within values")
+    indices, offs = [], []
+    for t in range(num_tables):
+        start = bounds[t]
+        indices.append(values[start:bounds[t + 1]])
+        o = offsets[t * batch:(t + 1) * batch + (1 if include_last_offset else 0)] - start
+        offs.append(o)
+    return indices, offs
+
+
+class MergedEmbeddingBag(nn.Module):
+    """Several embedding bags looked up in one call.
+
+    ``forward(indices, offsets, per_sample_weights=None)`` takes one indices
+    and one offsets tensor per table (int32 or int64, nn.EmbeddingBag
+    semantics) -- or the flat table-batched layout (one values tensor and T*B+1
+    offsets) -- and returns a list of (B, D) tensors.  All tables share the
+    embedding size, dtype and pooling mode.  ``weights.<t>`` in the state dict
+    is table t's (rows, D) weight, as in ``nn.EmbeddingBag.weight``.
+    """
+
+    def __init__(self, embedding_specs: Sequence[EmbeddingSpec], include_last_offset: bool = False):
+        super().__init__()
+        if not embedding_specs:
+            raise ValueError("MergedEmbeddingBag needs at least one EmbeddingSpec")
+        first = embedding_specs[0]
+        for i, s in enumerate(embedding_specs):
+            if s.pooling_modes not in _MODES:
+                raise ValueError(f"embedding_specs[{i}]: pooling_modes must be sum, mean or max, got {s.pooling_modes!r}")
+            if (s.pooling_modes, s.feature_size, s.dtype, s.sparse) != (first.pooling_modes, first.feature_size,
+                                                                         first.dtype, first.sparse):
+                raise ValueError(f"embedding_specs[{i}]: all tables must share pooling mode, feature size, dtype "
+                                 "and sparse flag")
+            if s.dtype not in (torch.float32, torch.bfloat16):
+                raise ValueError(f"embedding_specs[{i}]: dtype must be float32 or bfloat16, got {s.dtype}")
+        self.pooling_mode = _MODES[first.pooling_modes]
+        self.embedding_dim = first.feature_size
+        self.sparse = first.sparse
+        self.include_last_offset = include_last_offset
+        weights = []
+        for s in embedding_specs:
+            if s.weight is not None:
+                if tuple(s.weight.shape) != (s.num_of_features, s.feature_size):
+                    raise ValueError(f"weight of shape {tuple(s.weight.shape)} does not match "
+                                     f"({s.num_of_features}, {s.feature_size})")
+                w = s.weight.detach().to(s.dtype).clone().contiguous()
+            else:
+                w = torch.empty(s.num_of_features, s.feature_size, dtype=s.dtype).normal_()
+            weights.append(nn.Parameter(w))
+        self.weights = nn.ParameterList(weights)
+
+    @classmethod
+    def from_embeddingbag_list(cls, tables: Sequence[nn.EmbeddingBag], dtype: Optional[torch.dtype] = None,
+                               **kwargs) -> "MergedEmbeddingBag":
+        """Builds the merged module from nn.EmbeddingBag modules, copying their weights."""
+        specs = []
+        include_last = None
+        for i, emb in enumerate(tables):
+            if not isinstance(emb, nn.EmbeddingBag):
+                raise TypeError(f"tables[{i}] is {type(emb).__name__}, expected nn.EmbeddingBag")
+            if emb.max_norm is not None or emb.padding_idx is not None:
+                raise ValueError(f"tables[{i}]: max_norm and padding_idx are not supported")
+            include_last = emb.include_last_offset if include_last is None else include_last
+            if emb.include_last_offset != include_last:
+                raise ValueError("all tables must agree on include_last_offset")
+            specs.append(EmbeddingSpec(emb.num_embeddings, emb.embedding_dim, emb.mode,
+                                       dtype or emb.weight.dtype, emb.weight, bool(emb.sparse)))
+        kwargs.setdefault("include_last_offset", bool(include_last))
+        return cls(specs, **kwargs)
+
+    def _lists(self, indices: Lists, offsets: Lists, per_sample_weights) -> Tuple[list, list, list]:
+        t = len(self.weights)
+        if isinstance(indices, torch.Tensor):
+            if not isinstance(offsets, torch.Tensor):
+                raise TypeError("with a flat values tensor, offsets must be one tensor of T*B+1 entries")
+            indices, offsets = split_table_batched(indices, offsets, t, self.include_last_offset)
+            if isinstance(per_sample_weights, torch.Tensor):
+                per_sample_weights = [per_sample_weights[o0:o0 + i.numel()] for i, o0 in
+                                      zip(indices, _starts(indices))]
+        indices, offsets = list(indices), list(offsets)
+        if len(indices) != t or len(offsets) != t:
+            raise ValueError(f"expected {t} indices and offsets tensors, got {len(indices)} and {len(offsets)}")
+        psw = [] if per_sample_weights is None else list(per_sample_weights)
+        return indices, offsets, psw
+
+    def forward(self, indices: Lists, offsets: Lists,
+                per_sample_weights: Optional[Lists] = None) -> List[torch.Tensor]:
+        indices, offsets, psw = self._lists(indices, offsets, per_sample_weights)
+        weights = list(self.weights)
+        if self.sparse and torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return list(_SparseGradLookup.apply(self.pooling_mode, self.include_last_offset, len(weights),
+                                                *weights, *indices, *offsets, *psw))
+        return list(ops.merged_embedding_bag_forward(weights, indices, offsets, self.pooling_mode,
+                                                     self.include_last_offset, psw))
+
+    def extra_repr(self) -> str:
+        mode = {v: k for k, v in _MODES.items()}[self.pooling_mode]
+        rows = [w.shape[0] for w in self.weights]
+        return f"tables={len(rows)}, rows={rows}, dim={self.embedding_dim}, mode={mode}, sparse={self.sparse}"
+
+
+def _starts(indices):
+    out, s = [], 0
+    for i in indices:
+        out.append(s)
+        s += i.numel()
+    return out
+
+
+class _SparseGradLookup(torch.autograd.Function):
+    """Lookup whose weight gradients are coalesced sparse COO tensors, like
+    nn.EmbeddingBag(sparse=True)."""
+
+    @staticmethod
+    def forward(ctx, mode, include_last, t, *tensors):
+        weights, indices, offsets = list(tensors[:t]), list(tensors[t:2 * t]), list(tensors[2 * t:3 * t])
+        psw = list(tensors[3 * t:])
+        ctx.lookup = (mode, include_last, t)
+        ctx.save_for_backward(*tensors)
+        return tuple(ops.merged_embedding_bag_forward(weights, indices, offsets, mode, include_last, psw))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        mode, include_last, t = ctx.lookup
+        tensors = ctx.saved_tensors
+        weights, indices, offsets = list(tensors[:t]), list(tensors[t:2 * t]), list(tensors[2 * t:3 * t])
+        psw = list(tensors[3 * t:])
+        grads = [g if g is not None else torch.zeros_like(grads[0]) for g in grads]
+        rows, values = ops.merged_embedding_bag_backward_rows(list(grads), weights, indices, offsets, mode,
+                                                              include_last, psw)
+        sparse = []
+        for w, r, v in zip(weights, rows, values):
+            g = torch.sparse_coo_tensor(r.unsqueeze(0), v, w.shape, is_coalesced=True)
+            sparse.append(g)
+        return (None, None, None, *sparse, *([None] * (len(tensors) - t)))
+
+
+class _FusedUpdateLookup(torch.autograd.Function):
+    """Forward lookup; backward updates the tables in place (fused SGD or
+    Adagrad) and returns no weight gradients."""
+
+    @staticmethod
+    def forward(ctx, module, t, *tensors):
+        weights, indices, offsets = list(tensors[:t]), list(tensors[t:2 * t]), list(tensors[2 * t:3 * t])
+        psw = list(tensors[3 * t:])
+        ctx.module = module
+        ctx.t = t
+        ctx.save_for_backward(*indices, *offsets, *psw)
+        return tuple(ops.merged_embedding_bag_forward(weights, indices, offsets, module.pooling_mode,
+                                                      module.include_last_offset, psw))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        t = ctx.t
+        saved = ctx.saved_tensors
+        indices, offsets, psw = list(saved[:t]), list(saved[t:2 * t]), list(saved[2 * t:])
+        grads = [g if g is not None else torch.zeros_like(grads[0]) for g in grads]
+        ctx.module._apply_update(list(grads), indices, offsets, psw)
+        return (None, None, *([None] * (t + len(saved))))
+
+
+class _FusedUpdateBase(MergedEmbeddingBag):
+    """Shared by the fused-update modules: split-BF16 storage and state dicts
+    with plain fp32 per-table weights."""
+
+    def __init__(self, embedding_specs, include_last_offset=False, split_bf16: Optional[bool] = None):
+        super().__init__(embedding_specs, include_last_offset)
+        if self.sparse:
+            raise ValueError(f"{type(self).__name__} updates tables in backward; sparse=True does not apply")
+        bf16 = self.weights[0].dtype == torch.bfloat16
+        self.split_bf16 = bf16 if split_bf16 is None else bool(split_bf16)
+        if self.split_bf16 and not bf16:
+            raise ValueError("split_bf16 needs bfloat16 tables")
+        for i, s in enumerate(embedding_specs):
+            trail = torch.zeros_like(self.weights[i])
+            if self.split_bf16 and s.weight is not None and s.weight.dtype == torch.float32:
+                top, trail = ops_split(s.weight.detach().contiguous())
+                with torch.no_grad():
+                    self.weights[i].copy_(top)
+            self.register_buffer(f"trail_{i}", trail if self.split_bf16 else None, persistent=False)
+
+    def trails(self) -> List[torch.Tensor]:
+        return [getattr(self, f"trail_{i}") for i in range(len(self.weights))] if self.split_bf16 else []
+
+    def fp32_weight(self, t: int) -> torch.Tensor:
+        """Table t as fp32 (top and trail joined in split mode)."""
+        w = self.weights[t].detach()
+        if self.split_bf16:
+            return ops_join(w, getattr(self, f"trail_{t}"))
+        return w.float() if w.dtype != torch.float32 else w
+
+    def forward(self, indices: Lists, offsets: Lists, per_sample_weights: Optional[Lists] = None):
+        indices, offsets, psw = self._lists(indices, offsets, per_sample_weights)
+        weights = list(self.weights)
+        if torch.is_grad_enabled():
+            return list(_FusedUpdateLookup.apply(self, len(weights), *weights, *indices, *offsets, *psw))
+        return list(ops.merged_embedding_bag_forward(weights, indices, offsets, self.pooling_mode,
+                                                     self.include_last_offset, psw))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.split_bf16:
+            for t in range(len(self.weights)):
+                destination[f"{prefix}weights.{t}"] = self.fp32_weight(t)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.split_bf16:
+            for t in range(len(self.weights)):
+                w = state_dict.get(f"{prefix}weights.{t}")
+                if w is not None and w.dtype == torch.float32:
+                    top, trail = ops_split(w.contiguous())
+                    with torch.no_grad():
+                        self.weights[t].copy_(top)
+                        getattr(self, f"trail_{t}").copy_(trail)
+
+
+def ops_split(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fp32 -> (top, trail) bf16 halves: fp32 bits = (top << 16) | trail."""
+    bits = w.contiguous().view(torch.int32)
+    top = (bits >> 16).to(torch.int16).view(torch.bfloat16)
+    trail = (bits & 0xFFFF).to(torch.int16).view(torch.bfloat16)
+    return top.clone(), trail.clone()
+
+
+def ops_join(top: torch.Tensor, trail: torch.Tensor) -> torch.Tensor:
+    """(top, trail) bf16 halves -> fp32."""
+    hi = top.contiguous().view(torch.int16).to(torch.int32) << 16
+    lo = trail.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    return (hi | lo).view(torch.float32)
+
+
+class MergedEmbeddingBagWithSGD(_FusedUpdateBase):
+    """Merged embedding bags trained by SGD inside backward: each distinct row
+    gets w -= lr * (sum of its gradient contributions + weight_decay * w), in
+    one pass, without materialising a gradient.  bf16 tables keep an fp32
+    master weight split into top + trail (split_bf16)."""
+
+    def __init__(self, embedding_specs, lr: float = 0.01, weight_decay: float = 0.0,
+                 include_last_offset: bool = False, split_bf16: Optional[bool] = None):
+        if lr < 0 or weight_decay < 0:
+            raise ValueError("lr and weight_decay must be non-negative")
+        super().__init__(embedding_specs, include_last_offset, split_bf16)
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+
+    def _apply_update(self, grads, indices, offsets, psw):
+        with torch.no_grad():
+            ops.merged_embedding_bag_sgd_(grads, [w.data for w in self.weights], self.trails(), indices, offsets,
+                                          self.pooling_mode, self.include_last_offset, psw, self.lr,
+                                          self.weight_decay)
+
+
+class MergedEmbeddingBagWithAdaGrad(_FusedUpdateBase):
+    """Merged embedding bags trained by Adagrad inside backward (per distinct
+    row: state += g*g; w -= lr * g / (sqrt(state) + eps)), as torch.optim.Adagrad
+    does for sparse gradients."""
+
+    def __init__(self, embedding_specs, lr: float = 0.01, eps: float = 1e-10, initial_accumulator_value: float = 0.0,
+                 include_last_offset: bool = False, split_bf16: Optional[bool] = None):
+        if lr < 0 or eps < 0 or initial_accumulator_value < 0:
+            raise ValueError("lr, eps and initial_accumulator_value must be non-negative")
+        super().__init__(embedding_specs, include_last_offset, split_bf16)
+        self.lr = float(lr)
+        self.eps = float(eps)
+        for i, w in enumerate(self.weights):
+            self.register_buffer(f"state_sum_{i}", torch.full(w.shape, float(initial_accumulator_value)))
+
+    def state_sums(self) -> List[torch.Tensor]:
+        return [getattr(self, f"state_sum_{i}") for i in range(len(self.weights))]
+
+    def _apply_update(self, grads, indices, offsets, psw):
+        with torch.no_grad():
+            ops.merged_embedding_bag_adagrad_(grads, [w.data for w in self.weights], self.trails(),
+                                              self.state_sums(), indices, offsets, self.pooling_mode,
+                                              self.include_last_offset, psw, self.lr, self.eps)
+
+
+class MergedEmbeddingBagWithCat(MergedEmbeddingBag):
+    """``forward(dense, indices, offsets)`` -> (B, (T+1)*D): the dense feature
+    followed by every table's pooled embedding, written in place into one
+    tensor (no torch.cat).  Differentiable in the dense input and the tables."""
+
+    def forward(self, dense: torch.Tensor, indices: Lists, offsets: Lists,
+                per_sample_weights: Optional[Lists] = None) -> torch.Tensor:
+        if self.sparse:
+            raise ValueError("MergedEmbeddingBagWithCat produces dense gradients; use sparse=False")
+        indices, offsets, psw = self._lists(indices, offsets, per_sample_weights)
+        return ops.merged_embedding_bag_cat_forward(dense, list(self.weights), indices, offsets, self.pooling_mode,
+                                                    self.include_last_offset, psw)

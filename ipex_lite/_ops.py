@@ -68,6 +68,11 @@ def _check_tables(op, weights, indices, offsets):
     torch._check(len(weights) > 0, lambda: f"{op}: weights must hold at least one table")
     torch._check(len(indices) == len(weights) and len(offsets) == len(weights),
                  lambda: f"{op}: weights, indices and offsets must have one entry per table")
+    device = weights[0].device
+    for name, ts in (("weights", weights), ("indices", indices), ("offsets", offsets)):
+        for i, t in enumerate(ts):
+            torch._check(t.device == device,
+                         lambda: f"{op}: {name}[{i}] is on {t.device} but weights[0] is on {device}")
 
 
 @torch.library.register_fake("ipex_lite::merged_embedding_bag_forward")

@@ -211,8 +211,7 @@ class _FusedUpdateBase(MergedEmbeddingBag):
 
     def __init__(self, embedding_specs, include_last_offset=False, split_bf16: Optional[bool] = None):
         super().__init__(embedding_specs, include_last_offset)
-        if self.sparse:
-            raise ValueError(f"{type(self).__name__} updates tables in backward; sparse=True does not apply")
+        self.sparse = False  # tables are updated in backward: no gradient, sparse or dense, is produced
         bf16 = self.weights[0].dtype == torch.bfloat16
         self.split_bf16 = bf16 if split_bf16 is None else bool(split_bf16)
         if self.split_bf16 and not bf16:
@@ -224,6 +223,7 @@ class _FusedUpdateBase(MergedEmbeddingBag):
                 with torch.no_grad():
                     self.weights[i].copy_(top)
             self.register_buffer(f"trail_{i}", trail if self.split_bf16 else None, persistent=False)
+        self._register_split_hooks()
 
     def trails(self) -> List[torch.Tensor]:
         return [getattr(self, f"trail_{i}") for i in range(len(self.weights))] if self.split_bf16 else []
@@ -243,24 +243,32 @@ class _FusedUpdateBase(MergedEmbeddingBag):
         return list(ops.merged_embedding_bag_forward(weights, indices, offsets, self.pooling_mode,
                                                      self.include_last_offset, psw))
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.split_bf16:
-            for t in range(len(self.weights)):
-                destination[f"{prefix}weights.{t}"] = self.fp32_weight(t)
+    # State dicts hold plain fp32 per-table weights in split mode: a post hook
+    # joins top + trail on save, a pre hook splits fp32 on load (the bf16
+    # parameter then receives the exact top half, not a rounded copy).
+    def _register_split_hooks(self):
+        post = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
+        post(_FusedUpdateBase._state_dict_join)
+        self.register_load_state_dict_pre_hook(_FusedUpdateBase._state_dict_split)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if self.split_bf16:
-            for t in range(len(self.weights)):
-                w = state_dict.get(f"{prefix}weights.{t}")
-                if w is not None and w.dtype == torch.float32:
-                    top, trail = ops_split(w.contiguous())
-                    with torch.no_grad():
-                        self.weights[t].copy_(top)
-                        getattr(self, f"trail_{t}").copy_(trail)
+    @staticmethod
+    def _state_dict_join(module, state_dict, prefix, local_metadata):
+        if module.split_bf16:
+            for t in range(len(module.weights)):
+                state_dict[f"{prefix}weights.{t}"] = module.fp32_weight(t)
+
+    @staticmethod
+    def _state_dict_split(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                          error_msgs):
+        if not module.split_bf16:
+            return
+        for t in range(len(module.weights)):
+            key = f"{prefix}weights.{t}"
+            w = state_dict.get(key)
+            if isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.shape == module.weights[t].shape:
+                top, trail = ops_split(w)
+                state_dict[key] = top
+                getattr(module, f"trail_{t}").copy_(trail)
 
 
 def ops_split(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,456 @@
+"""Merged embedding bags: parity with per-table nn.EmbeddingBag (forward,
+dense and sparse gradients), fused SGD / Adagrad against torch.optim on sparse
+gradients, split-BF16, the with-cat variant, opcheck, every ISA level, bad
+inputs."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import ipex_lite
+from ipex_lite.nn import (EmbeddingSpec, MergedEmbeddingBag, MergedEmbeddingBagWithAdaGrad,
+                          MergedEmbeddingBagWithCat, MergedEmbeddingBagWithSGD)
+from ipex_lite.nn.modules import ops_join, ops_split, split_table_batched
+
+ops = torch.ops.ipex_lite
+MODES = {"sum": 0, "mean": 1, "max": 2}
+
+
+def make_batch(rows, batch, max_bag, seed, index_dtype=torch.int64, include_last=False, empty_bags=True):
+    """Random bags per table (some empty), nn.EmbeddingBag offsets convention."""
+    g = torch.Generator().manual_seed(seed)
+    indices, offsets = [], []
+    for r in rows:
+        sizes = torch.randint(0 if empty_bags else 1, max_bag + 1, (batch,), generator=g)
+        idx = torch.randint(0, r, (int(sizes.sum()),), generator=g)
+        off = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+        if not include_last:
+            off = off[:-1]
+        indices.append(idx.to(index_dtype))
+        offsets.append(off.to(index_dtype))
+    return indices, offsets
+
+
+def make_tables(rows, dim, mode, dtype, include_last=False, sparse=False, seed=0):
+    torch.manual_seed(seed)
+    return [nn.EmbeddingBag(r, dim, mode=mode, include_last_offset=include_last, sparse=sparse).to(dtype)
+            for r in rows]
+
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=4e-2)}
+ROWS = [7, 50, 1, 300]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("include_last", [False, True])
+@pytest.mark.parametrize("dim", [1, 16, 37, 128, 200])
+def test_forward_backward_match_embeddingbag(dtype, mode, index_dtype, include_last, dim):
+    tables = make_tables(ROWS, dim, mode, dtype, include_last)
+    merged = MergedEmbeddingBag.from_embeddingbag_list(tables)
+    # Reference in fp32 on the same (bf16-valued) weights and gradients: ipex_lite
+    # accumulates in fp32 and rounds once, stock bf16 rounds at every addition.
+    tables = [t.float() for t in tables]
+    indices, offsets = make_batch(ROWS, 9, 5, seed=dim, index_dtype=index_dtype, include_last=include_last)
+    out = merged(indices, offsets)
+    ref = [t(i, o) for t, i, o in zip(tables, indices, offsets)]
+    for a, b in zip(out, ref):
+        assert a.dtype == dtype and a.shape == b.shape
+        torch.testing.assert_close(a.float(), b, **TOL[dtype])
+    grads = [torch.randn(r.shape).to(dtype) for r in ref]
+    torch.autograd.backward(out, grads)
+    torch.autograd.backward(ref, [g.float() for g in grads])
+    for w, t in zip(merged.weights, tables):
+        assert w.grad.dtype == dtype
+        torch.testing.assert_close(w.grad.float(), t.weight.grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_sample_weights(dtype):
+    tables = make_tables(ROWS, 24, "sum", dtype)
+    merged = MergedEmbeddingBag.from_embeddingbag_list(tables)
+    tables = [t.float() for t in tables]
+    indices, offsets = make_batch(ROWS, 6, 4, seed=3)
+    psw = [torch.rand(i.numel()).to(dtype) for i in indices]
+    out = merged(indices, offsets, psw)
+    ref = [t(i, o, per_sample_weights=p.float()) for t, i, o, p in zip(tables, indices, offsets, psw)]
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a.float(), b.float(), **TOL[dtype])
+    grads = [torch.randn(r.shape).to(dtype) for r in ref]
+    torch.autograd.backward(out, grads)
+    torch.autograd.backward(ref, [g.float() for g in grads])
+    for w, t in zip(merged.weights, tables):
+        torch.testing.assert_close(w.grad.float(), t.weight.grad.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_sparse_gradients_match(mode):
+    tables = make_tables(ROWS, 16, mode, torch.float32, sparse=True)
+    merged = MergedEmbeddingBag.from_embeddingbag_list(tables)
+    assert merged.sparse
+    indices, offsets = make_batch(ROWS, 8, 6, seed=11)
+    out = merged(indices, offsets)
+    ref = [t(i, o) for t, i, o in zip(tables, indices, offsets)]
+    grads = [torch.randn(r.shape) for r in ref]
+    torch.autograd.backward(out, grads)
+    torch.autograd.backward(ref, grads)
+    for w, t in zip(merged.weights, tables):
+        assert w.grad.is_sparse
+        torch.testing.assert_close(w.grad.to_dense(), t.weight.grad.to_dense(), rtol=1e-5, atol=1e-5)
+
+
+def test_duplicates_accumulate_and_results_are_deterministic():
+    w = torch.randn(5, 8)
+    idx = torch.tensor([1, 1, 1, 3, 1, 3, 0])
+    off = torch.tensor([0, 3, 5])
+    out = ops.merged_embedding_bag_forward([w], [idx], [off], 0, False, [])[0]
+    torch.testing.assert_close(out[0], 3 * w[1])
+    grad = torch.randn(3, 8)
+    g1 = ops.merged_embedding_bag_backward([grad], [w], [idx], [off], 0, False, [])[0]
+    g2 = ops.merged_embedding_bag_backward([grad], [w], [idx], [off], 0, False, [])[0]
+    assert torch.equal(g1, g2)
+    # bags: [1, 1, 1], [3, 1], [3, 0]
+    torch.testing.assert_close(g1[1], 3 * grad[0] + grad[1])
+    torch.testing.assert_close(g1[3], grad[1] + grad[2])
+    torch.testing.assert_close(g1[0], grad[2])
+    assert torch.count_nonzero(g1[2]) == 0 and torch.count_nonzero(g1[4]) == 0
+
+
+def _sgd_reference(tables, indices, offsets, grads_per_step, lr, weight_decay):
+    """Per-table sparse=True EmbeddingBag + torch.optim.SGD (weight decay applied by
+    hand to the touched rows, as the fused update does: torch's SGD rejects it
+    for sparse gradients)."""
+    opt = torch.optim.SGD([t.weight for t in tables], lr=lr)
+    for step_grads in grads_per_step:
+        opt.zero_grad()
+        outs = [t(i, o) for t, i, o in zip(tables, indices, offsets)]
+        torch.autograd.backward(outs, step_grads)
+        if weight_decay:
+            for t in tables:
+                g = t.weight.grad.coalesce()
+                rows = g.indices()[0]
+                vals = g.values() + weight_decay * t.weight.detach()[rows]
+                t.weight.grad = torch.sparse_coo_tensor(g.indices(), vals, g.shape)
+        opt.step()
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_fused_sgd_matches_torch_optim(mode, weight_decay):
+    tables = make_tables(ROWS, 32, mode, torch.float32, sparse=True)
+    fused = MergedEmbeddingBagWithSGD.from_embeddingbag_list(tables, lr=0.05, weight_decay=weight_decay)
+    indices, offsets = make_batch(ROWS, 10, 6, seed=5)
+    steps = [[torch.randn(10, 32) for _ in ROWS] for _ in range(4)]
+    for step_grads in steps:
+        out = fused(indices, offsets)
+        torch.autograd.backward(out, step_grads)
+        assert all(w.grad is None for w in fused.weights)
+    _sgd_reference(tables, indices, offsets, steps, 0.05, weight_decay)
+    for w, t in zip(fused.weights, tables):
+        torch.testing.assert_close(w.detach(), t.weight.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_adagrad_matches_torch_optim():
+    tables = make_tables(ROWS, 32, "sum", torch.float32, sparse=True)
+    fused = MergedEmbeddingBagWithAdaGrad.from_embeddingbag_list(tables, lr=0.1, eps=1e-8)
+    opt = torch.optim.Adagrad([t.weight for t in tables], lr=0.1, eps=1e-8)
+    indices, offsets = make_batch(ROWS, 10, 6, seed=6)
+    for step in range(4):
+        grads = [torch.randn(10, 32) for _ in ROWS]
+        torch.autograd.backward(fused(indices, offsets), grads)
+        opt.zero_grad()
+        torch.autograd.backward([t(i, o) for t, i, o in zip(tables, indices, offsets)], grads)
+        opt.step()
+    for w, t in zip(fused.weights, tables):
+        torch.testing.assert_close(w.detach(), t.weight.detach(), rtol=1e-5, atol=1e-6)
+    for s, t in zip(fused.state_sums(), tables):
+        torch.testing.assert_close(s, opt.state[t.weight]["sum"].to_dense() if opt.state[t.weight]["sum"].is_sparse
+                                   else opt.state[t.weight]["sum"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+def test_split_bf16_tracks_fp32_master(optimizer):
+    """bf16 tables with a trail update the full fp32 master weight: the joined
+    weight follows fp32 training fed with the same (bf16) gradients."""
+    rows = [40, 9]
+    fp32_tables = make_tables(rows, 16, "sum", torch.float32)
+    specs = [EmbeddingSpec(t.num_embeddings, 16, "sum", torch.bfloat16, t.weight) for t in fp32_tables]
+    specs32 = [EmbeddingSpec(t.num_embeddings, 16, "sum", torch.float32, t.weight) for t in fp32_tables]
+    if optimizer == "sgd":
+        split = MergedEmbeddingBagWithSGD(specs, lr=1e-3)
+        master = MergedEmbeddingBagWithSGD(specs32, lr=1e-3)
+    else:
+        split = MergedEmbeddingBagWithAdaGrad(specs, lr=1e-3)
+        master = MergedEmbeddingBagWithAdaGrad(specs32, lr=1e-3)
+    assert split.split_bf16
+    for t in range(len(rows)):  # the split starts exactly at the fp32 weight
+        assert torch.equal(split.fp32_weight(t), fp32_tables[t].weight.detach())
+    indices, offsets = make_batch(rows, 7, 4, seed=8)
+    for _ in range(5):
+        grads = [torch.randn(7, 16).bfloat16() for _ in rows]
+        split_out = split(indices, offsets)
+        torch.autograd.backward(split_out, grads)
+        torch.autograd.backward(master(indices, offsets), [g.float() for g in grads])
+    for t in range(len(rows)):
+        torch.testing.assert_close(split.fp32_weight(t), master.weights[t].detach(), rtol=1e-6, atol=1e-7)
+        # plain bf16 storage would lose these 1e-3-sized updates; the split keeps them
+        assert not torch.equal(split.fp32_weight(t), fp32_tables[t].weight.detach())
+
+
+def test_split_state_dict_is_fp32_and_round_trips():
+    tables = make_tables([20, 6], 8, "sum", torch.float32)
+    merged = MergedEmbeddingBagWithSGD.from_embeddingbag_list(tables, dtype=torch.bfloat16, lr=0.1)
+    sd = merged.state_dict()
+    assert sd["weights.0"].dtype == torch.float32
+    torch.testing.assert_close(sd["weights.0"], tables[0].weight.detach(), rtol=0, atol=0)
+    indices, offsets = make_batch([20, 6], 4, 3, seed=2)
+    torch.autograd.backward(merged(indices, offsets), [torch.randn(4, 8).bfloat16() for _ in range(2)])
+    sd = merged.state_dict()
+    other = MergedEmbeddingBagWithSGD.from_embeddingbag_list(make_tables([20, 6], 8, "sum", torch.float32, seed=9),
+                                                             dtype=torch.bfloat16, lr=0.1)
+    other.load_state_dict(sd)
+    for t in range(2):
+        assert torch.equal(other.fp32_weight(t), merged.fp32_weight(t))
+    # and back into the original nn.EmbeddingBag modules
+    for t, emb in enumerate(tables):
+        emb.load_state_dict({"weight": sd[f"weights.{t}"]})
+        assert torch.equal(emb.weight.detach(), merged.fp32_weight(t))
+
+
+def test_plain_state_dict_round_trips_with_embeddingbag():
+    tables = make_tables(ROWS, 12, "mean", torch.float32)
+    merged = MergedEmbeddingBag.from_embeddingbag_list(tables)
+    sd = merged.state_dict()
+    assert sorted(sd) == [f"weights.{t}" for t in range(len(ROWS))]
+    for t, emb in enumerate(tables):
+        assert torch.equal(sd[f"weights.{t}"], emb.weight.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_with_cat_forward_backward(dtype):
+    tables = make_tables(ROWS, 16, "sum", dtype)
+    cat = MergedEmbeddingBagWithCat.from_embeddingbag_list(tables)
+    tables = [t.float() for t in tables]
+    indices, offsets = make_batch(ROWS, 5, 4, seed=12)
+    dense = torch.randn(5, 16).to(dtype).requires_grad_(True)
+    out = cat(dense, indices, offsets)
+    dense_ref = dense.detach().float().requires_grad_(True)
+    ref = torch.cat([dense_ref] + [t(i, o) for t, i, o in zip(tables, indices, offsets)], dim=1)
+    torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+    grad = torch.randn(out.shape).to(dtype)
+    out.backward(grad)
+    ref.backward(grad.float())
+    torch.testing.assert_close(dense.grad.float(), dense_ref.grad)
+    for w, t in zip(cat.weights, tables):
+        torch.testing.assert_close(w.grad.float(), t.weight.grad.float(), **TOL[dtype])
+
+
+def test_table_batched_layout_matches_lists():
+    tables = make_tables(ROWS, 8, "sum", torch.float32, include_last=True)
+    merged = MergedEmbeddingBag.from_embeddingbag_list(tables)
+    indices, offsets = make_batch(ROWS, 6, 3, seed=13, include_last=True)
+    values = torch.cat(indices)
+    base = 0
+    flat = []
+    for i, o in zip(indices, offsets):
+        flat.append(o[:-1] + base)
+        base += i.numel()
+    flat = torch.cat(flat + [torch.tensor([base])])
+    assert flat.numel() == len(ROWS) * 6 + 1
+    a = merged(values, flat)
+    b = merged(indices, offsets)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="T\\*B\\+1"):
+        split_table_batched(values, flat[:-1], len(ROWS))
+
+
+def test_split_and_join_are_exact():
+    w = torch.randn(100, 7)
+    top, trail = ops_split(w)
+    assert top.dtype == trail.dtype == torch.bfloat16
+    assert torch.equal(ops_join(top, trail), w)
+
+
+def _opcheck_inputs(dtype=torch.float32):
+    rows = [6, 11]
+    indices, offsets = make_batch(rows, 4, 3, seed=21)
+    weights = [torch.randn(r, 8).to(dtype) for r in rows]
+    return weights, indices, offsets
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    weights, indices, offsets = _opcheck_inputs(dtype)
+    grads = [torch.randn(4, 8).to(dtype) for _ in weights]
+    wg = [w.clone().requires_grad_(dtype == torch.float32) for w in weights]
+    torch.library.opcheck(ops.merged_embedding_bag_forward, (wg, indices, offsets, 0, False, []))
+    torch.library.opcheck(ops.merged_embedding_bag_forward, (weights, indices, offsets, 2, False, []))
+    dense = torch.randn(4, 8).to(dtype)
+    torch.library.opcheck(ops.merged_embedding_bag_cat_forward, (dense, weights, indices, offsets, 1, False, []))
+    torch.library.opcheck(ops.merged_embedding_bag_backward, (grads, weights, indices, offsets, 0, False, []))
+    torch.library.opcheck(ops.merged_embedding_bag_backward_rows, (grads, weights, indices, offsets, 1, False, []),
+                          test_utils=("test_schema", "test_faketensor"))
+    trails = [torch.zeros_like(w) for w in weights] if dtype == torch.bfloat16 else []
+    torch.library.opcheck(ops.merged_embedding_bag_sgd_,
+                          (grads, [w.clone() for w in weights], trails, indices, offsets, 0, False, [], 0.1, 0.0))
+    states = [torch.zeros(w.shape) for w in weights]
+    torch.library.opcheck(ops.merged_embedding_bag_adagrad_,
+                          (grads, [w.clone() for w in weights], trails, states, indices, offsets, 0, False, [], 0.1,
+                           1e-8))
+
+
+def test_torch_compile_forward():
+    torch._dynamo.reset()
+    tables = make_tables(ROWS, 8, "sum", torch.float32)
+    merged = MergedEmbeddingBag.from_embeddingbag_list(tables)
+    indices, offsets = make_batch(ROWS, 5, 3, seed=4)
+
+    def f(idx, off):
+        return torch.stack(merged(idx, off)).sum(0)
+
+    compiled = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(compiled(indices, offsets), f(indices, offsets))
+
+
+def _lookup(**over):
+    weights = [torch.randn(6, 8), torch.randn(11, 8)]
+    indices = [torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2])]
+    offsets = [torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3])]
+    args = dict(weights=weights, indices=indices, offsets=offsets, mode=0, include_last=False, psw=[])
+    args.update(over)
+    return args
+
+
+def _call_forward(a):
+    return ops.merged_embedding_bag_forward(a["weights"], a["indices"], a["offsets"], a["mode"], a["include_last"],
+                                            a["psw"])
+
+
+BAD_FORWARD = [
+    (dict(indices=[torch.tensor([0, 1, 6, 2]), torch.tensor([0, 1, 2])]), "out of range"),
+    (dict(indices=[torch.tensor([0, -1, 2, 2]), torch.tensor([0, 1, 2])]), "out of range"),
+    (dict(offsets=[torch.tensor([1, 2, 3, 3]), torch.tensor([0, 1, 2, 3])]), "must be 0"),
+    (dict(offsets=[torch.tensor([0, 2, 1, 3]), torch.tensor([0, 1, 2, 3])]), "non-decreasing"),
+    (dict(offsets=[torch.tensor([0, 1, 2, 99]), torch.tensor([0, 1, 2, 3])]), "past the"),
+    (dict(indices=[torch.tensor([0, 1, 2, 3], dtype=torch.int32), torch.tensor([0, 1, 2])]), "dtype"),
+    (dict(indices=[torch.tensor([0.0, 1.0, 2.0, 3.0]), torch.tensor([0.0, 1.0, 2.0])]), "int32 or int64"),
+    (dict(weights=[torch.randn(6, 8), torch.randn(11, 9)]), "dim"),
+    (dict(weights=[torch.randn(6, 8), torch.randn(11, 8).double()]), "dtype"),
+    (dict(weights=[torch.randn(6, 8)]), "one entry per table"),
+    (dict(weights=[]), "at least one table"),
+    (dict(mode=3), "pooling_mode"),
+    (dict(mode=1, psw=[torch.ones(4), torch.ones(3)]), "only supported with sum"),
+    (dict(psw=[torch.ones(2), torch.ones(3)]), "one weight per index"),
+    (dict(offsets=[torch.tensor([0, 1]), torch.tensor([0, 1, 2])]), "bags"),
+    (dict(weights=[torch.randn(6, 8), torch.randn(11, 8, device="meta")]), "device|meta|CPU"),
+    (dict(indices=[torch.zeros(2, 2, dtype=torch.long), torch.tensor([0, 1, 2])]), "1-D"),
+]
+
+
+@pytest.mark.parametrize("over,message", BAD_FORWARD)
+def test_bad_inputs_raise(over, message):
+    a = _lookup(**over)
+    with pytest.raises((RuntimeError, ValueError, NotImplementedError), match=message):
+        _call_forward(a)
+
+
+def test_bad_index_leaves_tables_untouched():
+    weights, indices, offsets = _opcheck_inputs()
+    bad = [indices[0], indices[1].clone()]
+    bad[1][-1] = 11  # table 1 has 11 rows
+    grads = [torch.randn(4, 8) for _ in weights]
+    before = [w.clone() for w in weights]
+    states = [torch.zeros(w.shape) for w in weights]
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.merged_embedding_bag_sgd_(grads, weights, [], bad, offsets, 0, False, [], 0.1, 0.0)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.merged_embedding_bag_adagrad_(grads, weights, [], states, bad, offsets, 0, False, [], 0.1, 1e-8)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.merged_embedding_bag_backward(grads, weights, bad, offsets, 0, False, [])
+    for w, b in zip(weights, before):
+        assert torch.equal(w, b)
+    assert all(torch.count_nonzero(s) == 0 for s in states)
+
+
+def test_bad_update_companions():
+    weights, indices, offsets = _opcheck_inputs()
+    grads = [torch.randn(4, 8) for _ in weights]
+    with pytest.raises(RuntimeError, match="trails"):
+        ops.merged_embedding_bag_sgd_(grads, weights, [torch.zeros(6, 8)], indices, offsets, 0, False, [], 0.1, 0.0)
+    with pytest.raises(RuntimeError, match="grads\\[0\\] must have shape"):
+        ops.merged_embedding_bag_sgd_([torch.randn(3, 8), grads[1]], weights, [], indices, offsets, 0, False, [],
+                                      0.1, 0.0)
+    with pytest.raises(RuntimeError, match="state_sums"):
+        ops.merged_embedding_bag_adagrad_(grads, weights, [], [torch.zeros(6, 8)], indices, offsets, 0, False, [],
+                                          0.1, 1e-8)
+    with pytest.raises(RuntimeError, match="unit stride"):
+        ops.merged_embedding_bag_sgd_(grads, [weights[0].t().contiguous().t(), weights[1]], [], indices, offsets, 0,
+                                      False, [], 0.1, 0.0)
+
+
+def test_module_argument_errors():
+    with pytest.raises(ValueError, match="pooling"):
+        MergedEmbeddingBag([EmbeddingSpec(5, 4, "median", torch.float32)])
+    with pytest.raises(ValueError, match="share"):
+        MergedEmbeddingBag([EmbeddingSpec(5, 4, "sum", torch.float32), EmbeddingSpec(5, 8, "sum", torch.float32)])
+    merged = MergedEmbeddingBag([EmbeddingSpec(5, 4, "sum", torch.float32)])
+    with pytest.raises(ValueError, match="expected 1"):
+        merged([torch.tensor([0]), torch.tensor([1])], [torch.tensor([0]), torch.tensor([0])])
+
+
+def test_empty_batch_and_empty_bags():
+    w = torch.randn(4, 8)
+    out = ops.merged_embedding_bag_forward([w], [torch.tensor([], dtype=torch.long)],
+                                           [torch.tensor([], dtype=torch.long)], 0, False, [])
+    assert out[0].shape == (0, 8)
+    out = ops.merged_embedding_bag_forward([w], [torch.tensor([], dtype=torch.long)],
+                                           [torch.tensor([0, 0, 0])], 1, False, [])
+    assert torch.equal(out[0], torch.zeros(3, 8))
+
+
+_LEVEL_SCRIPT = textwrap.dedent("""
+    import json, torch, ipex_lite
+    from torch import nn
+    from ipex_lite.nn import MergedEmbeddingBag
+    torch.manual_seed(0)
+    errs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for mode in ("sum", "mean", "max"):
+            for dim in (5, 128, 150):
+                tables = [nn.EmbeddingBag(r, dim, mode=mode).to(dtype) for r in (30, 7)]
+                m = MergedEmbeddingBag.from_embeddingbag_list(tables)
+                idx = [torch.randint(0, t.num_embeddings, (20,)) for t in tables]
+                off = [torch.tensor([0, 3, 3, 10]) for _ in tables]
+                out = m(idx, off)
+                ref = [t(i, o) for t, i, o in zip(tables, idx, off)]
+                g = [torch.randn(r.shape).to(dtype) for r in ref]
+                torch.autograd.backward(out, g); torch.autograd.backward(ref, g)
+                scale = max(r.abs().max().item() for r in ref) + 1
+                errs[f"{dtype}-{mode}-{dim}"] = max(
+                    max((a.float() - b.float()).abs().max().item() for a, b in zip(out, ref)),
+                    max((w.grad.float() - t.weight.grad.float()).abs().max().item()
+                        for w, t in zip(m.weights, tables))) / scale
+    print(json.dumps({"level": ipex_lite.cpu_capability(), "errors": errs}))
+""")
+
+
+@pytest.mark.parametrize("level", ["default", "avx2", "avx512", "avx512_bf16"])
+def test_every_isa_level(level):
+    info = ipex_lite.isa_info()
+    order = ["default", "avx2", "avx512", "avx512_bf16"]
+    if order.index(level) > min(order.index(info["cpu_level"]), order.index(info["built_level"])):
+        pytest.skip(f"{level} not supported here")
+    proc = subprocess.run([sys.executable, "-c", _LEVEL_SCRIPT], env=dict(os.environ, IPEX_LITE_ISA=level),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["level"] == level
+    for key, err in res["errors"].items():
+        assert err < (2e-2 if "bfloat16" in key else 1e-5), (key, err)

@@ -110,6 +110,7 @@ def test_duplicates_accumulate_and_results_are_deterministic():
     idx = torch.tensor([1, 1, 1, 3, 1, 3, 0])
     off = torch.tensor([0, 3, 5])
     out = ops.merged_embedding_bag_forward([w], [idx], [off], 0, False, [])[0]
+    assert out.shape == (3, 8)
     torch.testing.assert_close(out[0], 3 * w[1])
     grad = torch.randn(3, 8)
     g1 = ops.merged_embedding_bag_backward([grad], [w], [idx], [off], 0, False, [])[0]

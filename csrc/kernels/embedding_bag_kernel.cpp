@@ -16,7 +16,10 @@ namespace IPEX_LITE_ISA_NS {
 namespace {
 
 constexpr int64_t kChunk = 128;          // columns held in registers per pass
-constexpr int64_t kRowPrefetch = 8;      // positions ahead
+#ifndef IPEX_LITE_EMB_PREFETCH
+#define IPEX_LITE_EMB_PREFETCH 8
+#endif
+constexpr int64_t kRowPrefetch = IPEX_LITE_EMB_PREFETCH;  // positions ahead
 
 template <typename T>
 inline float load_elem(const T* p) {
@@ -50,7 +53,7 @@ inline void prefetch_row(const T* w, int64_t w_stride, int64_t row, int64_t num_
   if (out_of_range(row, num_rows)) return;
   const char* p = reinterpret_cast<const char*>(w + row * w_stride + k0);
   const int64_t bytes = len * static_cast<int64_t>(sizeof(T));
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
 }
 
 #if defined(__AVX512F__)
@@ -75,8 +78,8 @@ inline void store16(T* p, __m512 v, __mmask16 m) {
 
 // Pools columns [k0, k0 + 16 * NV) of one bag; the last vector is masked.
 template <int NV, typename T, typename I>
-inline int64_t pool_chunk(const EmbBagTable& tb, const I* idx, const T* psw, int64_t s, int64_t e, int mode,
-                          int64_t k0, __mmask16 last, T* out) {
+inline int64_t pool_chunk(const EmbBagTable& tb, const I* idx, const T* psw, int64_t s, int64_t e, int64_t pf_end,
+                          int mode, int64_t k0, __mmask16 last, T* out) {
   const T* w = static_cast<const T*>(tb.weight);
   __m512 acc[NV];
   const __m512 init = mode == kPoolMax ? _mm512_set1_ps(-INFINITY) : _mm512_setzero_ps();
@@ -84,7 +87,7 @@ inline int64_t pool_chunk(const EmbBagTable& tb, const I* idx, const T* psw, int
   for (int v = 0; v < NV; ++v) acc[v] = init;
   const int64_t len = 16 * (NV - 1) + __builtin_popcount(last);
   for (int64_t p = s; p < e; ++p) {
-    if (p + kRowPrefetch < e) prefetch_row(w, tb.w_stride, idx[p + kRowPrefetch], tb.num_rows, k0, len);
+    if (p + kRowPrefetch < pf_end) prefetch_row(w, tb.w_stride, idx[p + kRowPrefetch], tb.num_rows, k0, len);
     const int64_t row = idx[p];
     if (out_of_range(row, tb.num_rows)) return p;
     const T* src = w + row * tb.w_stride + k0;
@@ -114,12 +117,14 @@ inline int64_t pool_chunk(const EmbBagTable& tb, const I* idx, const T* psw, int
   return -1;
 }
 
+// pf_end: prefetching may run past this bag up to here (the end of the task's
+// positions), so short bags (1 index each) still keep rows in flight.
 template <typename T, typename I>
-int64_t pool_bag(const EmbBagTable& tb, const I* idx, const T* psw, int64_t s, int64_t e, int mode, int64_t dim,
-                 T* out) {
+int64_t pool_bag(const EmbBagTable& tb, const I* idx, const T* psw, int64_t s, int64_t e, int64_t pf_end, int mode,
+                 int64_t dim, T* out) {
   int64_t k0 = 0;
   for (; k0 + kChunk <= dim; k0 += kChunk) {
-    const int64_t bad = pool_chunk<8>(tb, idx, psw, s, e, mode, k0, 0xffff, out);
+    const int64_t bad = pool_chunk<8>(tb, idx, psw, s, e, pf_end, mode, k0, 0xffff, out);
     if (bad >= 0) return bad;
   }
   const int64_t rem = dim - k0;
@@ -127,29 +132,29 @@ int64_t pool_bag(const EmbBagTable& tb, const I* idx, const T* psw, int64_t s, i
   const int64_t nv = (rem + 15) / 16;
   const __mmask16 last = tail_mask16(rem - 16 * (nv - 1));
   switch (nv) {
-    case 1: return pool_chunk<1>(tb, idx, psw, s, e, mode, k0, last, out);
-    case 2: return pool_chunk<2>(tb, idx, psw, s, e, mode, k0, last, out);
-    case 3: return pool_chunk<3>(tb, idx, psw, s, e, mode, k0, last, out);
-    case 4: return pool_chunk<4>(tb, idx, psw, s, e, mode, k0, last, out);
-    case 5: return pool_chunk<5>(tb, idx, psw, s, e, mode, k0, last, out);
-    case 6: return pool_chunk<6>(tb, idx, psw, s, e, mode, k0, last, out);
-    case 7: return pool_chunk<7>(tb, idx, psw, s, e, mode, k0, last, out);
-    default: return pool_chunk<8>(tb, idx, psw, s, e, mode, k0, last, out);
+    case 1: return pool_chunk<1>(tb, idx, psw, s, e, pf_end, mode, k0, last, out);
+    case 2: return pool_chunk<2>(tb, idx, psw, s, e, pf_end, mode, k0, last, out);
+    case 3: return pool_chunk<3>(tb, idx, psw, s, e, pf_end, mode, k0, last, out);
+    case 4: return pool_chunk<4>(tb, idx, psw, s, e, pf_end, mode, k0, last, out);
+    case 5: return pool_chunk<5>(tb, idx, psw, s, e, pf_end, mode, k0, last, out);
+    case 6: return pool_chunk<6>(tb, idx, psw, s, e, pf_end, mode, k0, last, out);
+    case 7: return pool_chunk<7>(tb, idx, psw, s, e, pf_end, mode, k0, last, out);
+    default: return pool_chunk<8>(tb, idx, psw, s, e, pf_end, mode, k0, last, out);
   }
 }
 
 #else  // portable path: the compiler vectorises the column loops
 
 template <typename T, typename I>
-int64_t pool_bag(const EmbBagTable& tb, const I* idx, const T* psw, int64_t s, int64_t e, int mode, int64_t dim,
-                 T* out) {
+int64_t pool_bag(const EmbBagTable& tb, const I* idx, const T* psw, int64_t s, int64_t e, int64_t pf_end, int mode,
+                 int64_t dim, T* out) {
   const T* w = static_cast<const T*>(tb.weight);
   float acc[kChunk];
   for (int64_t k0 = 0; k0 < dim; k0 += kChunk) {
     const int64_t len = min64(kChunk, dim - k0);
     for (int64_t k = 0; k < len; ++k) acc[k] = mode == kPoolMax ? -INFINITY : 0.f;
     for (int64_t p = s; p < e; ++p) {
-      if (p + kRowPrefetch < e) prefetch_row(w, tb.w_stride, idx[p + kRowPrefetch], tb.num_rows, k0, len);
+      if (p + kRowPrefetch < pf_end) prefetch_row(w, tb.w_stride, idx[p + kRowPrefetch], tb.num_rows, k0, len);
       const int64_t row = idx[p];
       if (out_of_range(row, tb.num_rows)) return p;
       const T* src = w + row * tb.w_stride + k0;
@@ -177,10 +182,11 @@ int64_t forward_impl(const EmbBagFwdArgs& a, int64_t t, int64_t begin, int64_t e
   const I* idx = static_cast<const I*>(tb.indices);
   const I* off = static_cast<const I*>(tb.offsets);
   const T* psw = static_cast<const T*>(tb.per_sample_weights);
+  const int64_t pf_end = begin < end ? bag_end(off, end - 1, a.batch, a.include_last_offset, tb.nnz) : 0;
   for (int64_t b = begin; b < end; ++b) {
     const int64_t s = off[b], e = bag_end(off, b, a.batch, a.include_last_offset, tb.nnz);
     T* out = static_cast<T*>(tb.out) + b * tb.out_stride;
-    const int64_t bad = pool_bag<T, I>(tb, idx, psw, s, e, a.mode, a.dim, out);
+    const int64_t bad = pool_bag<T, I>(tb, idx, psw, s, e, pf_end, a.mode, a.dim, out);
     if (bad >= 0) return bad;
   }
   return -1;

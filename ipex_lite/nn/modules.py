@@ -85,13 +85,17 @@ class MergedEmbeddingBag(nn.Module):
         self.include_last_offset = include_last_offset
         weights = []
         for s in embedding_specs:
-            if s.weight is not None:
-                if tuple(s.weight.shape) != (s.num_of_features, s.feature_size):
-                    raise ValueError(f"weight of shape {tuple(s.weight.shape)} does not match "
-                                     f"({s.num_of_features}, {s.feature_size})")
-                w = s.weight.detach().to(s.dtype).clone().contiguous()
-            else:
-                w = torch.empty(s.num_of_features, s.feature_size, dtype=s.dtype).normal_()
+            if s.weight is not None and tuple(s.weight.shape) != (s.num_of_features, s.feature_size):
+                raise ValueError(f"weight of shape {tuple(s.weight.shape)} does not match "
+                                 f"({s.num_of_features}, {s.feature_size})")
+            w = torch.empty(s.num_of_features, s.feature_size, dtype=s.dtype)
+            # random-row lookups: ask for huge pages before the first write
+            ops.advise_hugepages(w)
+            with torch.no_grad():
+                if s.weight is not None:
+                    w.copy_(s.weight.detach())
+                else:
+                    w.normal_()
             weights.append(nn.Parameter(w))
         self.weights = nn.ParameterList(weights)
 
@@ -137,7 +141,7 @@ class MergedEmbeddingBag(nn.Module):
             return list(_SparseGradLookup.apply(self.pooling_mode, self.include_last_offset, len(weights),
                                                 *weights, *indices, *offsets, *psw))
         return list(ops.merged_embedding_bag_forward(weights, indices, offsets, self.pooling_mode,
-                                                     self.include_last_offset, psw))
+                                                     self.include_last_offset, psw).unbind(0))
 
     def extra_repr(self) -> str:
         mode = {v: k for k, v in _MODES.items()}[self.pooling_mode]
@@ -163,7 +167,7 @@ class _SparseGradLookup(torch.autograd.Function):
         psw = list(tensors[3 * t:])
         ctx.lookup = (mode, include_last, t)
         ctx.save_for_backward(*tensors)
-        return tuple(ops.merged_embedding_bag_forward(weights, indices, offsets, mode, include_last, psw))
+        return tuple(ops.merged_embedding_bag_forward(weights, indices, offsets, mode, include_last, psw).unbind(0))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -176,7 +180,8 @@ class _SparseGradLookup(torch.autograd.Function):
                                                               include_last, psw)
         sparse = []
         for w, r, v in zip(weights, rows, values):
-            g = torch.sparse_coo_tensor(r.unsqueeze(0), v, w.shape, is_coalesced=True)
+            # rows are sorted, unique and in range by construction
+            g = torch.sparse_coo_tensor(r.unsqueeze(0), v, w.shape, is_coalesced=True, check_invariants=False)
             sparse.append(g)
         return (None, None, None, *sparse, *([None] * (len(tensors) - t)))
 
@@ -193,7 +198,7 @@ class _FusedUpdateLookup(torch.autograd.Function):
         ctx.t = t
         ctx.save_for_backward(*indices, *offsets, *psw)
         return tuple(ops.merged_embedding_bag_forward(weights, indices, offsets, module.pooling_mode,
-                                                      module.include_last_offset, psw))
+                                                      module.include_last_offset, psw).unbind(0))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -241,7 +246,7 @@ class _FusedUpdateBase(MergedEmbeddingBag):
         if torch.is_grad_enabled():
             return list(_FusedUpdateLookup.apply(self, len(weights), *weights, *indices, *offsets, *psw))
         return list(ops.merged_embedding_bag_forward(weights, indices, offsets, self.pooling_mode,
-                                                     self.include_last_offset, psw))
+                                                     self.include_last_offset, psw).unbind(0))
 
     # State dicts hold plain fp32 per-table weights in split mode: a post hook
     # joins top + trail on save, a pre hook splits fp32 on load (the bf16

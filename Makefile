@@ -61,10 +61,13 @@ test: build
 
 demo: build
 	$(VPY) -m ipex_lite.doctor
-	$(VPY) bench/interaction.py --quick
+	$(VPY) bench/interaction.py --quick --no-compile
+	$(VPY) bench/dlrm.py --quick --no-compile --no-train
 
 bench: build
 	$(VPY) bench/interaction.py
+	$(VPY) bench/embedding_bag.py
+	$(VPY) bench/dlrm.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .hypothesis bench/report

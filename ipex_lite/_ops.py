@@ -122,8 +122,20 @@ def _meb_adagrad_fake(grads, weights, trails, state_sums, indices, offsets, pool
     return None
 
 
+def _no_psw_grad(psw):
+    if any(p.requires_grad for p in psw):
+        raise RuntimeError("merged_embedding_bag: gradients with respect to per_sample_weights are not supported; "
+                           "pass them detached")
+
+
+@torch.library.register_fake("ipex_lite::advise_hugepages")
+def _advise_hugepages_fake(t):
+    return False
+
+
 def _meb_setup_context(ctx, inputs, output):
     weights, indices, offsets, mode, include_last, psw = inputs
+    _no_psw_grad(psw)
     ctx.num_tables = len(weights)
     ctx.lookup = (mode, include_last)
     ctx.save_for_backward(*weights, *indices, *offsets, *psw)

@@ -455,3 +455,76 @@ def test_every_isa_level(level):
     assert res["level"] == level
     for key, err in res["errors"].items():
         assert err < (2e-2 if "bfloat16" in key else 1e-5), (key, err)
+
+
+def test_per_sample_weight_gradients_are_refused():
+    merged = MergedEmbeddingBag([EmbeddingSpec(5, 4, "sum", torch.float32)])
+    psw = torch.rand(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="per_sample_weights"):
+        merged([torch.tensor([0, 1, 2])], [torch.tensor([0, 2])], [psw])
+
+
+def test_indices_after_last_offset_are_ignored_everywhere():
+    w = torch.ones(6, 4)
+    idx = torch.tensor([0, 1, 2, 99, 5])  # 99 and 5 lie after the last bag
+    off = torch.tensor([0, 1, 3])
+    grads = [torch.ones(2, 4)]
+    out = ops.merged_embedding_bag_forward([w], [idx], [off], 0, True, [])
+    assert torch.equal(out[0], torch.tensor([[1.0] * 4, [2.0] * 4]))
+    dense = ops.merged_embedding_bag_backward(grads, [w], [idx], [off], 0, True, [])[0]
+    assert torch.equal(dense.sum(1), torch.tensor([4.0, 4.0, 4.0, 0.0, 0.0, 0.0]))
+    rows, _ = ops.merged_embedding_bag_backward_rows(grads, [w], [idx], [off], 0, True, [])
+    assert rows[0].tolist() == [0, 1, 2]
+    ops.merged_embedding_bag_sgd_(grads, [w], [], [idx], [off], 0, True, [], 0.1, 0.5)
+    assert torch.equal(w[5], torch.ones(4))  # not decayed: row 5 was never looked up
+
+
+def test_in_place_tensors_must_not_overlap():
+    weights = [torch.randn(6, 8), torch.randn(6, 8)]
+    indices = [torch.tensor([0, 1]), torch.tensor([2, 3])]
+    offsets = [torch.tensor([0, 1]), torch.tensor([0, 1])]
+    grads = [torch.randn(2, 8), torch.randn(2, 8)]
+    with pytest.raises(RuntimeError, match="share memory"):
+        ops.merged_embedding_bag_sgd_(grads, [weights[0], weights[0]], [], indices, offsets, 0, False, [], 0.1, 0.0)
+    expanded = torch.randn(1, 8).expand(6, 8)
+    with pytest.raises(RuntimeError, match="overlapping"):
+        ops.merged_embedding_bag_sgd_(grads, [expanded, weights[1]], [], indices, offsets, 0, False, [], 0.1, 0.0)
+
+
+def test_split_load_of_bf16_state_resets_trail():
+    specs = [EmbeddingSpec(5, 4, "sum", torch.bfloat16, torch.randn(5, 4))]
+    m = MergedEmbeddingBagWithSGD(specs, lr=0.1)
+    assert m.trails()[0].abs().sum() > 0
+    m.load_state_dict({"weights.0": torch.zeros(5, 4, dtype=torch.bfloat16)})
+    assert torch.equal(m.fp32_weight(0), torch.zeros(5, 4))
+
+
+def test_flat_layout_with_per_sample_weights():
+    merged = MergedEmbeddingBag([EmbeddingSpec(10, 4, "sum", torch.float32) for _ in range(2)],
+                                include_last_offset=True)
+    values = torch.tensor([1, 2, 3, 4, 5, 6])
+    offsets = torch.tensor([0, 2, 3, 5, 6])  # T=2, B=2
+    psw = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    got = merged(values, offsets, psw)
+    w0, w1 = merged.weights[0].detach(), merged.weights[1].detach()
+    torch.testing.assert_close(got[0][0], w0[1] + 2 * w0[2])
+    torch.testing.assert_close(got[1][0], 4 * w1[4] + 5 * w1[5])
+
+
+def test_zero_dim_still_checks_indices():
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.merged_embedding_bag_forward([torch.empty(3, 0)], [torch.tensor([0, 7])], [torch.tensor([0])], 0, False,
+                                         [])
+
+
+def test_unsupported_module_options_are_refused():
+    with pytest.raises(ValueError, match="max"):
+        MergedEmbeddingBag([EmbeddingSpec(5, 4, "max", torch.float32, sparse=True)])
+    with pytest.raises(ValueError, match="scale_grad_by_freq"):
+        MergedEmbeddingBag.from_embeddingbag_list([nn.EmbeddingBag(5, 4, scale_grad_by_freq=True)])
+
+
+def test_module_on_meta_device():
+    with torch.device("meta"):
+        m = MergedEmbeddingBag([EmbeddingSpec(1000, 16, "sum", torch.float32)])
+    assert m.weights[0].device.type == "meta"

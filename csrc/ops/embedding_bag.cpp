@@ -2,10 +2,13 @@
 // for the backward / fused updates, CPU implementations.  The loops live in
 // csrc/kernels/embedding_bag_kernel.cpp (one copy per ISA level).
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "dispatch/isa.h"
@@ -121,6 +124,23 @@ Lookup check_lookup(const char* op, at::TensorList weights, at::TensorList indic
   return l;
 }
 
+// Range check of every index that belongs to a bag, for the paths that
+// return before a kernel would have checked (batch or dim 0).
+void check_index_range(const char* op, const Lookup& l) {
+  for (int64_t t = 0; t < l.tables; ++t) {
+    const int64_t rows = l.weights[t].size(0), nnz = l.indices[t].numel();
+    const int64_t used = l.batch == 0 ? 0
+                         : l.include_last ? (l.idx64 ? l.offsets[t].data_ptr<int64_t>()[l.batch]
+                                                     : l.offsets[t].data_ptr<int32_t>()[l.batch])
+                                          : nnz;
+    for (int64_t p = 0; p < used; ++p) {
+      const int64_t r = l.idx64 ? l.indices[t].data_ptr<int64_t>()[p] : l.indices[t].data_ptr<int32_t>()[p];
+      TORCH_CHECK(r >= 0 && r < rows, op, ": indices[", t, "][", p, "] = ", r, " is out of range for table ", t,
+                  " with ", rows, " rows");
+    }
+  }
+}
+
 std::vector<k::EmbBagTable> table_descs(const Lookup& l, const std::vector<at::Tensor>& outs, int64_t out_col0) {
   std::vector<k::EmbBagTable> d(l.tables);
   for (int64_t t = 0; t < l.tables; ++t) {
@@ -147,7 +167,10 @@ int wd_index(at::ScalarType t) { return t == at::kBFloat16 ? 1 : 0; }
 // one tensor starting at out_col0).  Bags are split into chunks so that the
 // tables x chunks tasks keep every thread busy.
 void run_forward(const char* op, const Lookup& l, const std::vector<at::Tensor>& outs, int64_t out_col0) {
-  if (l.batch == 0 || l.dim == 0) return;
+  if (l.batch == 0 || l.dim == 0) {
+    check_index_range(op, l);
+    return;
+  }
   const auto descs = table_descs(l, outs, out_col0);
   k::EmbBagFwdArgs args{descs.data(), l.dim, l.batch, l.mode, l.include_last};
   const auto fn = IPEX_LITE_KERNEL_TABLE(embedding_bag_kernels).forward[wd_index(l.wdtype)][l.idx64 ? 1 : 0];
@@ -198,21 +221,28 @@ RowGroups group_rows_impl(const char* op, const Lookup& l, int64_t t) {
       coef[p] = psw != nullptr ? static_cast<float>(psw[p]) : c;
     }
   }
-  std::vector<int64_t> key(nnz), pos(nnz), key2(nnz), pos2(nnz);
+  // Indices after the last bag (include_last_offset) are ignored, as in the
+  // forward and in nn.EmbeddingBag: not checked, not grouped, not updated.
+  std::vector<int64_t> key, pos;
+  key.reserve(nnz);
+  pos.reserve(nnz);
   for (int64_t p = 0; p < nnz; ++p) {
+    if (bag[p] < 0) continue;
     const int64_t r = idx[p];
     TORCH_CHECK(r >= 0 && r < rows, op, ": indices[", t, "][", p, "] = ", r, " is out of range for table ", t,
                 " with ", rows, " rows");
-    key[p] = r;
-    pos[p] = p;
+    key.push_back(r);
+    pos.push_back(p);
   }
+  const int64_t used = static_cast<int64_t>(key.size());
+  std::vector<int64_t> key2(used), pos2(used);
   constexpr int kBits = 11;
   constexpr int64_t kBuckets = int64_t(1) << kBits;
   for (int shift = 0; rows > 1 && (int64_t(1) << shift) < rows; shift += kBits) {
     std::vector<int64_t> count(kBuckets + 1, 0);
-    for (int64_t p = 0; p < nnz; ++p) ++count[((key[p] >> shift) & (kBuckets - 1)) + 1];
+    for (int64_t p = 0; p < used; ++p) ++count[((key[p] >> shift) & (kBuckets - 1)) + 1];
     for (int64_t d = 0; d < kBuckets; ++d) count[d + 1] += count[d];
-    for (int64_t p = 0; p < nnz; ++p) {
+    for (int64_t p = 0; p < used; ++p) {
       const int64_t dst = count[(key[p] >> shift) & (kBuckets - 1)]++;
       key2[dst] = key[p];
       pos2[dst] = pos[p];
@@ -221,16 +251,16 @@ RowGroups group_rows_impl(const char* op, const Lookup& l, int64_t t) {
     pos.swap(pos2);
   }
   int64_t segs = 0;
-  for (int64_t q = 0; q < nnz; ++q) segs += (q == 0 || key[q] != key[q - 1]);
+  for (int64_t q = 0; q < used; ++q) segs += (q == 0 || key[q] != key[q - 1]);
   g.segments = segs;
-  g.sorted_pos = at::empty({nnz}, lopt);
+  g.sorted_pos = at::empty({used}, lopt);
   g.seg_start = at::empty({segs + 1}, lopt);
   g.seg_row = at::empty({segs}, lopt);
   int64_t* sp = g.sorted_pos.data_ptr<int64_t>();
   int64_t* ss = g.seg_start.data_ptr<int64_t>();
   int64_t* sr = g.seg_row.data_ptr<int64_t>();
   int64_t s = 0;
-  for (int64_t q = 0; q < nnz; ++q) {
+  for (int64_t q = 0; q < used; ++q) {
     sp[q] = pos[q];
     if (q == 0 || key[q] != key[q - 1]) {
       ss[s] = q;
@@ -238,7 +268,7 @@ RowGroups group_rows_impl(const char* op, const Lookup& l, int64_t t) {
       ++s;
     }
   }
-  ss[segs] = nnz;
+  ss[segs] = used;
   return g;
 }
 
@@ -339,7 +369,10 @@ std::vector<at::Tensor> backward_cpu(at::TensorList grads_in, at::TensorList wei
   const auto grads = checked_grads(op, l, grads_in);
   std::vector<at::Tensor> dense;
   for (int64_t t = 0; t < l.tables; ++t) dense.push_back(at::zeros(l.weights[t].sizes(), l.weights[t].options()));
-  if (l.batch == 0 || l.dim == 0) return dense;
+  if (l.batch == 0 || l.dim == 0) {
+    check_index_range(op, l);
+    return dense;
+  }
   if (l.mode == k::kPoolMax) {
     group_rows(op, l);  // range check only
     const auto descs = table_descs(l, {}, 0);
@@ -382,6 +415,20 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_rows_cpu(
   return {rows, values};
 }
 
+// Tensors written in place by parallel tasks must not share memory with
+// themselves (expanded) or with each other (one tensor passed twice).
+void check_no_overlap(const char* op, const std::vector<std::pair<std::string, at::Tensor>>& written) {
+  for (size_t i = 0; i < written.size(); ++i) {
+    TORCH_CHECK(at::has_internal_overlap(written[i].second) != at::MemOverlap::Yes, op, ": ", written[i].first,
+                " has overlapping memory (expanded?) and cannot be updated in place");
+    for (size_t j = 0; j < i; ++j) {
+      const auto st = at::get_overlap_status(written[i].second, written[j].second);
+      TORCH_CHECK(st != at::MemOverlapStatus::Full && st != at::MemOverlapStatus::Partial, op, ": ",
+                  written[i].first, " and ", written[j].first, " share memory; each must be its own tensor");
+    }
+  }
+}
+
 void check_companions(const char* op, const Lookup& l, at::TensorList weights, at::TensorList trails,
                       const char* what_state, at::TensorList states) {
   for (int64_t t = 0; t < l.tables; ++t)
@@ -396,7 +443,16 @@ void check_companions(const char* op, const Lookup& l, at::TensorList weights, a
                     trails[t].strides() == weights[t].strides(),
                 op, ": trails[", t, "] must be a bfloat16 tensor with the shape and strides of weights[", t, "]");
   }
-  if (what_state == nullptr) return;
+  std::vector<std::pair<std::string, at::Tensor>> written;
+  for (size_t t = 0; t < weights.size(); ++t) written.emplace_back("weights[" + std::to_string(t) + "]", weights[t]);
+  for (size_t t = 0; t < trails.size(); ++t) written.emplace_back("trails[" + std::to_string(t) + "]", trails[t]);
+  if (what_state != nullptr)
+    for (size_t t = 0; t < states.size(); ++t)
+      written.emplace_back(std::string(what_state) + "[" + std::to_string(t) + "]", states[t]);
+  if (what_state == nullptr) {
+    check_no_overlap(op, written);
+    return;
+  }
   TORCH_CHECK(static_cast<int64_t>(states.size()) == l.tables, op, ": ", what_state,
               " must have one entry per table");
   for (size_t t = 0; t < states.size(); ++t) {
@@ -406,6 +462,7 @@ void check_companions(const char* op, const Lookup& l, at::TensorList weights, a
                 op, ": ", what_state, "[", t, "] must be a float32 tensor shaped like weights[", t,
                 "] with unit stride along dim");
   }
+  check_no_overlap(op, written);
 }
 
 void update_cpu(const char* op, int kind, at::TensorList grads_in, at::TensorList weights, at::TensorList trails,
@@ -415,7 +472,10 @@ void update_cpu(const char* op, int kind, at::TensorList grads_in, at::TensorLis
   TORCH_CHECK(l.mode != k::kPoolMax, op, ": fused updates support sum and mean pooling, not max");
   check_companions(op, l, weights, trails, kind == k::kAdagrad ? "state_sums" : nullptr, states);
   const auto grads = checked_grads(op, l, grads_in);
-  if (l.batch == 0 || l.dim == 0) return;
+  if (l.batch == 0 || l.dim == 0) {
+    check_index_range(op, l);
+    return;
+  }
   const auto groups = group_rows(op, l);  // validates every table before any is written
   std::vector<k::EmbBagUpdateArgs> args;
   for (int64_t t = 0; t < l.tables; ++t) {

@@ -5,6 +5,8 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .._ops import _no_psw_grad
+
 __all__ = ["EmbeddingSpec", "MergedEmbeddingBag", "MergedEmbeddingBagWithSGD", "MergedEmbeddingBagWithAdaGrad",
            "MergedEmbeddingBagWithCat"]
 
@@ -27,13 +29,15 @@ Lists = Union[Sequence[torch.Tensor], torch.Tensor]
 
 
 def split_table_batched(values: torch.Tensor, offsets: torch.Tensor, num_tables: int,
-                        include_last_offset: bool = True) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+                        include_last_offset: bool = True,
+                        per_sample_weights: Optional[torch.Tensor] = None):
     """torchrec/fbgemm layout -> per-table lists.
 
     ``values`` holds every table's indices, table-major; ``offsets`` has
     T*B+1 entries (bag starts, then the end).  Returns per-table
-    (indices, offsets) with offsets rebased to 0; with include_last_offset the
-    per-table offsets keep their end (B+1 entries).
+    (indices, offsets, per_sample_weights or None) with offsets rebased to 0;
+    with include_last_offset the per-table offsets keep their end (B+1
+    entries).
     """
     if values.dim() != 1 or offsets.dim() != 1:
         raise ValueError("split_table_batched: values and offsets must be 1-D")
@@ -45,13 +49,17 @@ def split_table_batched(values: torch.Tensor, offsets: torch.Tensor, num_tables:
     bounds = offsets[::batch].tolist() if batch > 0 else [0] * (num_tables + 1)
     if bounds[-1] > values.numel() or any(b > c for b, c in zip(bounds, bounds[1:])):
         raise ValueError("split_table_batched: offsets must be non-decreasing and end within values")
-    indices, offs = [], []
+    if per_sample_weights is not None and per_sample_weights.shape != values.shape:
+        raise ValueError("split_table_batched: per_sample_weights must have one weight per value")
+    indices, offs, psw = [], [], []
     for t in range(num_tables):
         start = bounds[t]
         indices.append(values[start:bounds[t + 1]])
+        if per_sample_weights is not None:
+            psw.append(per_sample_weights[start:bounds[t + 1]])
         o = offsets[t * batch:(t + 1) * batch + (1 if include_last_offset else 0)] - start
         offs.append(o)
-    return indices, offs
+    return indices, offs, (psw if per_sample_weights is not None else None)
 
 
 class MergedEmbeddingBag(nn.Module):
@@ -79,6 +87,8 @@ class MergedEmbeddingBag(nn.Module):
                                  "and sparse flag")
             if s.dtype not in (torch.float32, torch.bfloat16):
                 raise ValueError(f"embedding_specs[{i}]: dtype must be float32 or bfloat16, got {s.dtype}")
+        if first.sparse and first.pooling_modes == "max":
+            raise ValueError("sparse gradients support sum and mean pooling, not max")
         self.pooling_mode = _MODES[first.pooling_modes]
         self.embedding_dim = first.feature_size
         self.sparse = first.sparse
@@ -89,8 +99,8 @@ class MergedEmbeddingBag(nn.Module):
                 raise ValueError(f"weight of shape {tuple(s.weight.shape)} does not match "
                                  f"({s.num_of_features}, {s.feature_size})")
             w = torch.empty(s.num_of_features, s.feature_size, dtype=s.dtype)
-            # random-row lookups: ask for huge pages before the first write
-            ops.advise_hugepages(w)
+            if w.device.type == "cpu":  # random-row lookups: ask for huge pages before the first write
+                ops.advise_hugepages(w)
             with torch.no_grad():
                 if s.weight is not None:
                     w.copy_(s.weight.detach())
@@ -108,8 +118,8 @@ class MergedEmbeddingBag(nn.Module):
         for i, emb in enumerate(tables):
             if not isinstance(emb, nn.EmbeddingBag):
                 raise TypeError(f"tables[{i}] is {type(emb).__name__}, expected nn.EmbeddingBag")
-            if emb.max_norm is not None or emb.padding_idx is not None:
-                raise ValueError(f"tables[{i}]: max_norm and padding_idx are not supported")
+            if emb.max_norm is not None or emb.padding_idx is not None or emb.scale_grad_by_freq:
+                raise ValueError(f"tables[{i}]: max_norm, padding_idx and scale_grad_by_freq are not supported")
             include_last = emb.include_last_offset if include_last is None else include_last
             if emb.include_last_offset != include_last:
                 raise ValueError("all tables must agree on include_last_offset")
@@ -123,10 +133,11 @@ class MergedEmbeddingBag(nn.Module):
         if isinstance(indices, torch.Tensor):
             if not isinstance(offsets, torch.Tensor):
                 raise TypeError("with a flat values tensor, offsets must be one tensor of T*B+1 entries")
-            indices, offsets = split_table_batched(indices, offsets, t, self.include_last_offset)
-            if isinstance(per_sample_weights, torch.Tensor):
-                per_sample_weights = [per_sample_weights[o0:o0 + i.numel()] for i, o0 in
-                                      zip(indices, _starts(indices))]
+            flat_psw = per_sample_weights if isinstance(per_sample_weights, torch.Tensor) else None
+            indices, offsets, split_psw = split_table_batched(indices, offsets, t, self.include_last_offset,
+                                                              flat_psw)
+            if flat_psw is not None:
+                per_sample_weights = split_psw
         indices, offsets = list(indices), list(offsets)
         if len(indices) != t or len(offsets) != t:
             raise ValueError(f"expected {t} indices and offsets tensors, got {len(indices)} and {len(offsets)}")
@@ -149,14 +160,6 @@ class MergedEmbeddingBag(nn.Module):
         return f"tables={len(rows)}, rows={rows}, dim={self.embedding_dim}, mode={mode}, sparse={self.sparse}"
 
 
-def _starts(indices):
-    out, s = [], 0
-    for i in indices:
-        out.append(s)
-        s += i.numel()
-    return out
-
-
 class _SparseGradLookup(torch.autograd.Function):
     """Lookup whose weight gradients are coalesced sparse COO tensors, like
     nn.EmbeddingBag(sparse=True)."""
@@ -165,6 +168,7 @@ class _SparseGradLookup(torch.autograd.Function):
     def forward(ctx, mode, include_last, t, *tensors):
         weights, indices, offsets = list(tensors[:t]), list(tensors[t:2 * t]), list(tensors[2 * t:3 * t])
         psw = list(tensors[3 * t:])
+        _no_psw_grad(psw)
         ctx.lookup = (mode, include_last, t)
         ctx.save_for_backward(*tensors)
         return tuple(ops.merged_embedding_bag_forward(weights, indices, offsets, mode, include_last, psw).unbind(0))
@@ -175,7 +179,6 @@ class _SparseGradLookup(torch.autograd.Function):
         tensors = ctx.saved_tensors
         weights, indices, offsets = list(tensors[:t]), list(tensors[t:2 * t]), list(tensors[2 * t:3 * t])
         psw = list(tensors[3 * t:])
-        grads = [g if g is not None else torch.zeros_like(grads[0]) for g in grads]
         rows, values = ops.merged_embedding_bag_backward_rows(list(grads), weights, indices, offsets, mode,
                                                               include_last, psw)
         sparse = []
@@ -194,6 +197,7 @@ class _FusedUpdateLookup(torch.autograd.Function):
     def forward(ctx, module, t, *tensors):
         weights, indices, offsets = list(tensors[:t]), list(tensors[t:2 * t]), list(tensors[2 * t:3 * t])
         psw = list(tensors[3 * t:])
+        _no_psw_grad(psw)
         ctx.module = module
         ctx.t = t
         ctx.save_for_backward(*indices, *offsets, *psw)
@@ -205,7 +209,6 @@ class _FusedUpdateLookup(torch.autograd.Function):
         t = ctx.t
         saved = ctx.saved_tensors
         indices, offsets, psw = list(saved[:t]), list(saved[t:2 * t]), list(saved[2 * t:])
-        grads = [g if g is not None else torch.zeros_like(grads[0]) for g in grads]
         ctx.module._apply_update(list(grads), indices, offsets, psw)
         return (None, None, *([None] * (t + len(saved))))
 
@@ -255,6 +258,8 @@ class _FusedUpdateBase(MergedEmbeddingBag):
         post = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
         post(_FusedUpdateBase._state_dict_join)
         self.register_load_state_dict_pre_hook(_FusedUpdateBase._state_dict_split)
+        self.register_load_state_dict_post_hook(_FusedUpdateBase._state_dict_commit_trails)
+        self._pending_trails = {}
 
     @staticmethod
     def _state_dict_join(module, state_dict, prefix, local_metadata):
@@ -267,13 +272,22 @@ class _FusedUpdateBase(MergedEmbeddingBag):
                           error_msgs):
         if not module.split_bf16:
             return
+        module._pending_trails = {}
         for t in range(len(module.weights)):
             key = f"{prefix}weights.{t}"
             w = state_dict.get(key)
-            if isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.shape == module.weights[t].shape:
-                top, trail = ops_split(w)
+            if isinstance(w, torch.Tensor) and w.is_floating_point() and w.shape == module.weights[t].shape:
+                top, trail = ops_split(w.float())  # a bf16 entry splits into itself + a zero trail
                 state_dict[key] = top
+                module._pending_trails[t] = trail
+
+    @staticmethod
+    def _state_dict_commit_trails(module, incompatible_keys):
+        # runs after the parameters were loaded: only then replace the trails
+        with torch.no_grad():
+            for t, trail in module._pending_trails.items():
                 getattr(module, f"trail_{t}").copy_(trail)
+        module._pending_trails = {}
 
 
 def ops_split(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -325,7 +339,8 @@ class MergedEmbeddingBagWithAdaGrad(_FusedUpdateBase):
         self.lr = float(lr)
         self.eps = float(eps)
         for i, w in enumerate(self.weights):
-            self.register_buffer(f"state_sum_{i}", torch.full(w.shape, float(initial_accumulator_value)))
+            self.register_buffer(f"state_sum_{i}", torch.full(w.shape, float(initial_accumulator_value),
+                                                                  dtype=torch.float32))
 
     def state_sums(self) -> List[torch.Tensor]:
         return [getattr(self, f"state_sum_{i}") for i in range(len(self.weights))]

@@ -248,8 +248,24 @@ void update_impl(const EmbBagUpdateArgs& a, int64_t begin, int64_t end) {
   const EmbBagRowGroups& gr = a.groups;
   const T* grad = static_cast<const T*>(a.grad);
   alignas(64) float g[kChunk];
+  const bool in_place = a.kind == kSgd || a.kind == kAdagrad;
+  const int64_t row_bytes = a.dim * static_cast<int64_t>(sizeof(T));
   for (int64_t seg = begin; seg < end; ++seg) {
     const int64_t row = gr.seg_row[seg];
+    if (in_place && seg + kRowPrefetch < end) {
+      // distinct rows of a big table: the read-modify-write is latency-bound without this
+      const int64_t ahead = gr.seg_row[seg + kRowPrefetch];
+      const char* w = reinterpret_cast<const char*>(static_cast<const T*>(a.weight) + ahead * a.w_stride);
+      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(w + off, 1, 2);
+      if (a.trail != nullptr) {
+        const char* tr = reinterpret_cast<const char*>(static_cast<const uint16_t*>(a.trail) + ahead * a.w_stride);
+        for (int64_t off = 0; off < a.dim * 2; off += 64) __builtin_prefetch(tr + off, 1, 2);
+      }
+      if (a.kind == kAdagrad) {
+        const char* st = reinterpret_cast<const char*>(a.state + ahead * a.state_stride);
+        for (int64_t off = 0; off < a.dim * 4; off += 64) __builtin_prefetch(st + off, 1, 2);
+      }
+    }
     for (int64_t k0 = 0; k0 < a.dim; k0 += kChunk) {
       const int64_t len = min64(kChunk, a.dim - k0);
 #if defined(__AVX512F__)

@@ -528,3 +528,17 @@ def test_module_on_meta_device():
     with torch.device("meta"):
         m = MergedEmbeddingBag([EmbeddingSpec(1000, 16, "sum", torch.float32)])
     assert m.weights[0].device.type == "meta"
+
+
+def test_concurrent_lookups_match_sequential():
+    from concurrent.futures import ThreadPoolExecutor
+    tables = make_tables(ROWS, 16, "sum", torch.float32)
+    merged = MergedEmbeddingBag.from_embeddingbag_list(tables)
+    batches = [make_batch(ROWS, 7, 4, seed=s) for s in range(6)]
+    with torch.no_grad():
+        want = [merged(i, o) for i, o in batches]
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda b: merged(*b), batches * 3))
+    for k, g in enumerate(got):
+        for a, b in zip(g, want[k % len(batches)]):
+            assert torch.equal(a, b)

@@ -258,3 +258,13 @@ def test_double_backward_raises_instead_of_silent_zero():
     grads = torch.autograd.grad(out.pow(2).sum(), xs, create_graph=True)
     with pytest.raises(RuntimeError, match="not implemented"):
         torch.autograd.grad(sum(g.sum() for g in grads), xs)
+
+
+def test_concurrent_callers_match_sequential():
+    from concurrent.futures import ThreadPoolExecutor
+    inputs = [make_inputs(6, 33, 40, torch.float32, seed=s) for s in range(8)]
+    want = [interaction(*xs) for xs in inputs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda xs: interaction(*xs), inputs * 3))
+    for i, g in enumerate(got):
+        assert torch.equal(g, want[i % len(inputs)])

@@ -133,6 +133,7 @@ def main(argv=None):
     mlp_params = list(train_lite.bottom.parameters()) + list(train_lite.top.parameters())
     opt_lite = torch.optim.SGD(mlp_params, lr=args.lr)
     loss_fn = nn.BCELoss()
+    fp32_losses = []
     for step in range(args.steps):
         dense, indices, offsets, target = make_batch(args.tables, args.rows, args.batch, args.pooling, seed=step + 1)
         for model, opt in ((train_stock, opt_stock), (train_lite, opt_lite)):
@@ -145,11 +146,34 @@ def main(argv=None):
             else:
                 loss_lite = loss.item()
         print(f"step {step}: loss stock {loss_stock:.5f}  ipex_lite {loss_lite:.5f}")
+        fp32_losses.append(loss_stock)
         ok &= abs(loss_stock - loss_lite) < 1e-4
     table_err = max((a.detach() - b.weight.detach()).abs().max().item()
                     for a, b in zip(train_lite.embs.weights, train_stock.embs))
     print(f"tables after {args.steps} steps: max |diff| {table_err:.2e}")
     ok &= table_err < 1e-4
+
+    # bf16 training: bf16 tables holding an fp32 master as top + trail
+    # (split-BF16, 4 bytes per parameter), MLPs under bf16 autocast.
+    bf16 = DLRMLite(copy.deepcopy(stock).train(), train_lr=None)
+    bf16.embs = MergedEmbeddingBagWithSGD.from_embeddingbag_list(list(stock.embs), dtype=torch.bfloat16,
+                                                                  lr=args.lr)
+    opt_bf16 = torch.optim.SGD(list(bf16.bottom.parameters()) + list(bf16.top.parameters()), lr=args.lr)
+    losses = []
+    for step in range(args.steps):
+        dense, indices, offsets, target = make_batch(args.tables, args.rows, args.batch, args.pooling, seed=step + 1)
+        opt_bf16.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = bf16(dense, indices, offsets)
+        loss = loss_fn(out.float(), target)
+        loss.backward()
+        opt_bf16.step()
+        losses.append(loss.item())
+    drift = max((bf16.embs.fp32_weight(t) - train_stock.embs[t].weight.detach()).abs().max().item()
+                for t in range(args.tables))
+    print(f"bf16 split training losses {[round(v, 4) for v in losses]}; tables vs fp32 training: max |diff| "
+          f"{drift:.2e}")
+    ok &= all(abs(a - b) < 5e-2 for a, b in zip(losses, fp32_losses)) and drift < 5e-2
     print("OK" if ok else "MISMATCH")
     return 0 if ok else 1
 

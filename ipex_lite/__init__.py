@@ -6,10 +6,10 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C
 from . import _ops  # noqa: F401  (fake kernels and autograd for torch.ops.ipex_lite)
-from . import nn
+from . import nn, optim
 
 __version__ = "0.1.0"
-__all__ = ["cpu_capability", "isa_info", "nn", "__version__"]
+__all__ = ["cpu_capability", "isa_info", "nn", "optim", "__version__"]
 
 
 def cpu_capability() -> str:

@@ -181,3 +181,22 @@ def _meb_cat_backward(ctx, grad):
 
 torch.library.register_autograd("ipex_lite::merged_embedding_bag_cat_forward", _meb_cat_backward,
                                 setup_context=_meb_cat_setup_context)
+
+
+# ---- split-BF16 and fused optimizer steps -----------------------------------
+
+@torch.library.register_fake("ipex_lite::split_float_bfloat16")
+def _split_fake(t):
+    torch._check(t.dtype == torch.float32, lambda: "split_float_bfloat16: expected a float32 tensor")
+    return (torch.empty_like(t, dtype=torch.bfloat16, memory_format=torch.contiguous_format),
+            torch.empty_like(t, dtype=torch.bfloat16, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake("ipex_lite::cat_bfloat16_float")
+def _cat_fake(top, trail):
+    torch._check(top.shape == trail.shape, lambda: "cat_bfloat16_float: top and trail shapes differ")
+    return torch.empty_like(top, dtype=torch.float32, memory_format=torch.contiguous_format)
+
+
+for _name in ("packed_add", "sgd_step_", "adam_step_", "adagrad_step_"):
+    torch.library.register_fake(f"ipex_lite::{_name}")(lambda *args, **kwargs: None)

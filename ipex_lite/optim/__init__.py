@@ -1,0 +1,187 @@
+"""Fused optimizers (IPEX names) with split-BF16 support.
+
+Each class subclasses torch.optim.Optimizer, keeps torch's state names
+(``momentum_buffer``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``,
+``sum``, ``step``) and updates every parameter in one fused pass:
+
+* fp32 parameter: a fast fused fp32 optimizer;
+* bf16 parameter: the top half of a split fp32 master weight whose low
+  16 bits live in ``state["trail"]`` (see :func:`split_master_weights_`);
+  the update runs in fp32 on (top << 16) | trail and writes both halves.
+"""
+from typing import Iterable, List, Optional
+
+import torch
+
+__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "split_master_weights_", "master_weight"]
+
+ops = torch.ops.ipex_lite
+_EMPTY = torch.empty(0, dtype=torch.bfloat16)
+
+
+def _param2(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
+    """The trail of a bf16 (split) parameter, created as zeros when absent."""
+    if p.dtype == torch.float32:
+        return _EMPTY
+    if p.dtype != torch.bfloat16:
+        raise TypeError(f"{type(optimizer).__name__}: parameters must be float32 or bfloat16, got {p.dtype}")
+    state = optimizer.state[p]
+    if "trail" not in state:
+        state["trail"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+    return state["trail"]
+
+
+def _dense_grad(optimizer, p):
+    g = p.grad
+    if g.is_sparse:
+        raise RuntimeError(f"{type(optimizer).__name__} does not support sparse gradients; use "
+                           "ipex_lite.nn.MergedEmbeddingBagWithSGD / WithAdaGrad for embedding tables")
+    return g
+
+
+def _check_param(optimizer, p):
+    if not p.is_contiguous():
+        raise ValueError(f"{type(optimizer).__name__}: parameters must be contiguous to be updated in place")
+
+
+class SGD(torch.optim.SGD):
+    """torch.optim.SGD semantics (momentum, dampening, nesterov, weight_decay), fused."""
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
+                 maximize=False):
+        if maximize:
+            raise ValueError("ipex_lite.optim.SGD: maximize=True is not supported")
+        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                         nesterov=nesterov)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                _check_param(self, p)
+                grad = _dense_grad(self, p)
+                state = self.state[p]
+                momentum = group["momentum"]
+                first = False
+                buf = _EMPTY
+                if momentum != 0:
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = torch.empty(p.shape, dtype=torch.float32)
+                        state["momentum_buffer"] = buf
+                        first = True
+                ops.sgd_step_(p, grad, buf, _param2(self, p), float(group["lr"]), float(momentum),
+                              float(group["dampening"]), bool(group["nesterov"]), float(group["weight_decay"]),
+                              first)
+        return loss
+
+
+class Adam(torch.optim.Adam):
+    """torch.optim.Adam semantics (weight_decay as L2, amsgrad), fused."""
+
+    _decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
+                 maximize=False):
+        if maximize:
+            raise ValueError(f"ipex_lite.optim.{type(self).__name__}: maximize=True is not supported")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                _check_param(self, p)
+                grad = _dense_grad(self, p)
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32)
+                    if group["amsgrad"]:
+                        state["max_exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32)
+                state["step"] += 1
+                ops.adam_step_(p, grad, state["exp_avg"], state["exp_avg_sq"],
+                               state.get("max_exp_avg_sq", torch.empty(0)), _param2(self, p),
+                               float(state["step"]), float(group["lr"]), float(beta1), float(beta2),
+                               float(group["eps"]), float(group["weight_decay"]), bool(group["amsgrad"]),
+                               self._decoupled)
+        return loss
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW semantics (decoupled weight decay), fused."""
+
+    _decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         maximize=maximize)
+
+
+class Adagrad(torch.optim.Adagrad):
+    """torch.optim.Adagrad semantics (lr_decay, eps, weight_decay, initial_accumulator_value), fused."""
+
+    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10, *,
+                 maximize=False):
+        if maximize:
+            raise ValueError("ipex_lite.optim.Adagrad: maximize=True is not supported")
+        super().__init__(params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                         initial_accumulator_value=initial_accumulator_value, eps=eps)
+        for group in self.param_groups:  # torch creates the state in the parameter's dtype; keep it fp32
+            for p in group["params"]:
+                state = self.state[p]
+                state["sum"] = state["sum"].float()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                _check_param(self, p)
+                grad = _dense_grad(self, p)
+                state = self.state[p]
+                state["step"] += 1
+                clr = group["lr"] / (1 + (float(state["step"]) - 1) * group["lr_decay"])
+                ops.adagrad_step_(p, grad, state["sum"], _param2(self, p), float(clr), float(group["eps"]),
+                                  float(group["weight_decay"]))
+        return loss
+
+
+def split_master_weights_(optimizer: torch.optim.Optimizer) -> None:
+    """Turns every fp32 parameter of ``optimizer`` into split-BF16 storage in place:
+    ``param.data`` becomes the bf16 top half and ``optimizer.state[param]["trail"]``
+    the low half, so fp32 = (top << 16) | trail exactly (4 bytes per parameter)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.dtype != torch.float32:
+                continue
+            top, trail = ops.split_float_bfloat16(p.data)
+            p.data = top
+            optimizer.state[p]["trail"] = trail
+
+
+def master_weight(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
+    """The fp32 value of parameter ``p`` (top and trail joined for a split parameter)."""
+    if p.dtype == torch.float32:
+        return p.detach()
+    return ops.cat_bfloat16_float(p.detach(), _param2(optimizer, p))

@@ -113,11 +113,18 @@ def test_packed_add_dense_and_sparse():
     torch.testing.assert_close(ops.cat_bfloat16_float(top, trail), w - 0.5 * g, rtol=0, atol=1e-6)
     idx = torch.tensor([[1, 3, 1]])
     vals = torch.randn(3, 4)
-    sparse = torch.sparse_coo_tensor(idx, vals, (10, 4))
+    sparse = torch.sparse_coo_tensor(idx, vals, (10, 4), check_invariants=True)
     before = ops.cat_bfloat16_float(top, trail)
     ops.packed_add(top, trail, sparse, 2.0)
     want = before + 2.0 * sparse.to_dense()
     torch.testing.assert_close(ops.cat_bfloat16_float(top, trail), want, rtol=1e-6, atol=1e-6)
+
+
+def test_packed_add_rejects_bad_sparse_indices():
+    top, trail = ops.split_float_bfloat16(torch.randn(4, 2))
+    bad = torch.sparse_coo_tensor(torch.tensor([[7]]), torch.randn(1, 2), (4, 2), check_invariants=False)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.packed_add(top, trail, bad, 1.0)
 
 
 def test_optimizer_plumbing():
@@ -206,7 +213,7 @@ def test_bad_inputs():
     with pytest.raises(RuntimeError, match="shape"):
         ops.cat_bfloat16_float(torch.zeros(3, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.bfloat16))
     sparse_p = torch.nn.Parameter(torch.randn(5, 2))
-    sparse_p.grad = torch.sparse_coo_tensor(torch.tensor([[0]]), torch.randn(1, 2), (5, 2))
+    sparse_p.grad = torch.sparse_coo_tensor(torch.tensor([[0]]), torch.randn(1, 2), (5, 2), check_invariants=True)
     with pytest.raises(RuntimeError, match="sparse"):
         lo.SGD([sparse_p], lr=0.1).step()
     with pytest.raises(ValueError, match="maximize"):

@@ -207,13 +207,18 @@ void packed_add(const at::Tensor& top, const at::Tensor& trail, const at::Tensor
     const at::Tensor rows = g._indices().select(0, 0).contiguous();
     const at::Tensor vals = g._values().contiguous();
     const int64_t row_len = top.numel() / std::max<int64_t>(top.size(0), 1);
+    TORCH_CHECK(vals.numel() == rows.numel() * row_len, op, ": sparse grad values must hold one row of ", row_len,
+                " elements per index");
     const int64_t* r = rows.data_ptr<int64_t>();
+    // A sparse tensor built without invariant checks can carry any index.
+    for (int64_t i = 0; i < rows.numel(); ++i)
+      TORCH_CHECK(r[i] >= 0 && r[i] < top.size(0), op, ": sparse grad index ", r[i], " is out of range for ",
+                  top.size(0), " rows");
     const char* v = static_cast<const char*>(vals.data_ptr());
     const int64_t vstride = row_len * vals.element_size();
     const auto fn = kt.packed_add[vals.scalar_type() == at::kBFloat16];
     at::parallel_for(0, rows.numel(), 64, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
-        // indices of a coalesced sparse tensor are within its size, which equals top's
         fn(hi + r[i] * row_len, lo + r[i] * row_len, v + i * vstride, a, 0, row_len);
       }
     });

@@ -44,7 +44,34 @@ def _check_param(optimizer, p):
         raise ValueError(f"{type(optimizer).__name__}: parameters must be contiguous to be updated in place")
 
 
-class SGD(torch.optim.SGD):
+class _KeepStateDtypes:
+    """torch.optim.Optimizer.load_state_dict casts floating state to the
+    parameter's dtype: fp32 momenta of a bf16 (split) parameter would become
+    bf16 and the trail would be rounded.  These hooks put the saved tensors
+    back as they were, so a resumed run is bit-identical."""
+
+    def _keep_state_dtypes(self):
+        self.register_load_state_dict_pre_hook(_stash_state_dict)
+        self.register_load_state_dict_post_hook(_restore_state_dtypes)
+
+
+def _stash_state_dict(optimizer, state_dict):
+    optimizer._loading_state_dict = state_dict
+
+
+def _restore_state_dtypes(optimizer):
+    saved = optimizer.__dict__.pop("_loading_state_dict", None)
+    if saved is None:
+        return
+    saved_ids = [i for g in saved["param_groups"] for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for pid, p in zip(saved_ids, params):
+        for key, value in saved["state"].get(pid, {}).items():
+            if torch.is_tensor(value) and value.is_floating_point() and key != "step":
+                optimizer.state[p][key] = value.detach().clone(memory_format=torch.contiguous_format)
+
+
+class SGD(_KeepStateDtypes, torch.optim.SGD):
     """torch.optim.SGD semantics (momentum, dampening, nesterov, weight_decay), fused."""
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
@@ -53,6 +80,7 @@ class SGD(torch.optim.SGD):
             raise ValueError("ipex_lite.optim.SGD: maximize=True is not supported")
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov)
+        self._keep_state_dtypes()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -82,16 +110,14 @@ class SGD(torch.optim.SGD):
         return loss
 
 
-class Adam(torch.optim.Adam):
-    """torch.optim.Adam semantics (weight_decay as L2, amsgrad), fused."""
-
+class _AdamStep(_KeepStateDtypes):
     _decoupled = False
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
-                 maximize=False):
+    def _init(self, params, lr, betas, eps, weight_decay, amsgrad, maximize):
         if maximize:
             raise ValueError(f"ipex_lite.optim.{type(self).__name__}: maximize=True is not supported")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+        self._keep_state_dtypes()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -122,18 +148,25 @@ class Adam(torch.optim.Adam):
         return loss
 
 
-class AdamW(Adam):
+class Adam(_AdamStep, torch.optim.Adam):
+    """torch.optim.Adam semantics (weight_decay as L2, amsgrad), fused."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
+                 maximize=False):
+        self._init(params, lr, betas, eps, weight_decay, amsgrad, maximize)
+
+
+class AdamW(_AdamStep, torch.optim.AdamW):
     """torch.optim.AdamW semantics (decoupled weight decay), fused."""
 
     _decoupled = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         maximize=maximize)
+        self._init(params, lr, betas, eps, weight_decay, amsgrad, maximize)
 
 
-class Adagrad(torch.optim.Adagrad):
+class Adagrad(_KeepStateDtypes, torch.optim.Adagrad):
     """torch.optim.Adagrad semantics (lr_decay, eps, weight_decay, initial_accumulator_value), fused."""
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10, *,
@@ -146,6 +179,7 @@ class Adagrad(torch.optim.Adagrad):
             for p in group["params"]:
                 state = self.state[p]
                 state["sum"] = state["sum"].float()
+        self._keep_state_dtypes()
 
     @torch.no_grad()
     def step(self, closure=None):

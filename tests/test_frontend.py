@@ -1,0 +1,102 @@
+"""ipex_lite.optimize in training mode: split-BF16 weights, fused optimizer
+replacement, fp32 checkpoints, resume bit-identical."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import ipex_lite
+from ipex_lite import optim as lo
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.LayerNorm(32), nn.Linear(32, 1))
+
+
+def train(model, opt, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x, y = torch.randn(64, 16, generator=g), torch.randn(64, 1, generator=g)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = (model(x).float() - y).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("opt_cls,kw", [(torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
+                                         (torch.optim.AdamW, dict(lr=1e-2)),
+                                         (torch.optim.Adagrad, dict(lr=0.05))])
+def test_split_training_tracks_fp32(opt_cls, kw):
+    model = make_model()
+    opt = opt_cls(model.parameters(), **kw)
+    ref = copy.deepcopy(model)
+    ref_opt = opt_cls(ref.parameters(), **kw)
+    m, o = ipex_lite.optimize(model, dtype=torch.bfloat16, optimizer=opt)
+    assert type(o).__module__ == "ipex_lite.optim" and isinstance(o, opt_cls)
+    assert m[0].weight.dtype == torch.bfloat16 and m[2].weight.dtype == torch.float32  # LayerNorm stays fp32
+    assert model[0].weight.dtype == torch.float32  # inplace=False: the user's model is untouched
+    assert o.param_groups[0]["lr"] == kw["lr"]
+    got, want = train(m, o, 20), train(ref, ref_opt, 20)
+    assert abs(got[-1] - want[-1]) <= 0.01 * abs(want[-1]) + 1e-3, (got[-1], want[-1])
+    sd = m.state_dict()
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    assert sd.keys() == ref.state_dict().keys()
+    # the fp32 checkpoint is the exact master weight (top and trail joined)
+    assert torch.equal(sd["0.weight"], lo.master_weight(o, m[0].weight))
+
+
+def test_resume_is_bit_identical():
+    base = make_model()
+    m, o = ipex_lite.optimize(base, dtype=torch.bfloat16, optimizer=torch.optim.SGD(base.parameters(), lr=0.05,
+                                                                                     momentum=0.9))
+    train(m, o, 3, seed=1)
+    model_sd = copy.deepcopy(m.state_dict())
+    opt_sd = copy.deepcopy(o.state_dict())
+    uninterrupted = train(m, o, 3, seed=2)
+
+    fresh = make_model(seed=7)
+    m2, o2 = ipex_lite.optimize(fresh, dtype=torch.bfloat16,
+                                optimizer=torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9))
+    m2.load_state_dict(model_sd)
+    o2.load_state_dict(opt_sd)
+    resumed = train(m2, o2, 3, seed=2)
+    assert resumed == uninterrupted
+    for a, b in zip(m.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_fp32_checkpoint_loads_into_stock_model():
+    base = make_model()
+    m, o = ipex_lite.optimize(base, dtype=torch.bfloat16, optimizer=torch.optim.Adam(base.parameters(), lr=1e-2))
+    train(m, o, 2)
+    stock = make_model(seed=3)
+    stock.load_state_dict(m.state_dict())
+    for k, v in stock.state_dict().items():
+        assert torch.equal(v, m.state_dict()[k])
+
+
+def test_unsupported_optimizer_warns_and_keeps_fp32():
+    base = make_model()
+    with pytest.warns(UserWarning, match="no fused"):
+        m, o = ipex_lite.optimize(base, dtype=torch.bfloat16, optimizer=torch.optim.RMSprop(base.parameters()))
+    assert isinstance(o, torch.optim.RMSprop) and m[0].weight.dtype == torch.float32
+    train(m, o, 1)
+
+
+def test_argument_checks():
+    model = make_model()
+    with pytest.raises(NotImplementedError, match="inference"):
+        ipex_lite.optimize(model.eval(), dtype=torch.bfloat16)
+    assert ipex_lite.optimize(model, level="O0") is not model
+    with pytest.raises(ValueError, match="level"):
+        ipex_lite.optimize(model, level="O3")
+    with pytest.raises(ValueError, match="dtype"):
+        ipex_lite.optimize(model, dtype=torch.float16)
+    with pytest.raises(ValueError, match="training mode"):
+        ipex_lite.optimize(model.eval(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1))

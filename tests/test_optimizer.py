@@ -171,8 +171,20 @@ def test_closure_and_missing_grads():
     assert loss is not None and torch.equal(q.detach(), q_before)
 
 
+def _no_nan_trails(p):
+    """A trail is raw bits stored as bf16; about 1 in 256 random floats has low
+    16 bits that read as a bf16 NaN, and opcheck compares outputs with NaN !=
+    NaN.  Clear one exponent bit of those trails so the comparison is meaningful."""
+    bits = p.view(torch.int32).clone()
+    nan_trail = ((bits >> 7) & 0xFF) == 0xFF
+    bits[nan_trail] &= ~(1 << 7)
+    return bits.view(torch.float32)
+
+
 def test_opcheck():
-    p = torch.randn(50)
+    # fixed data: the mutating ops rewrite trails, whose new bits must not read as NaN either
+    torch.manual_seed(0)
+    p = _no_nan_trails(torch.randn(50))
     g = torch.randn(50)
     top, trail = ops.split_float_bfloat16(p)
     torch.library.opcheck(ops.split_float_bfloat16, (p,))

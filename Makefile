@@ -68,6 +68,7 @@ bench: build
 	$(VPY) bench/interaction.py
 	$(VPY) bench/embedding_bag.py
 	$(VPY) bench/dlrm.py
+	$(VPY) bench/optimizers.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .hypothesis bench/report

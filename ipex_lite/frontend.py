@@ -44,70 +44,120 @@ def _fused_class(optimizer):
     return None
 
 
-def _rebuild_optimizer(optimizer, fused_cls, param_map: Dict[int, nn.Parameter]):
-    """Same param groups (hyperparameters included) and state, fused class."""
+def _clone_state_value(key, v):
+    # fresh tensors: the rebuilt optimizer must not step the caller's state; fp32 except the raw-bit trail
+    if not torch.is_tensor(v):
+        return copy.deepcopy(v)
+    v = v.detach().clone()
+    return v.float() if v.is_floating_point() and key not in ("step", "trail") else v
+
+
+def _same_type_copy(optimizer, param_map: Dict[int, nn.Parameter]):
+    """The optimizer re-pointed at the copied parameters: class, defaults, group keys and state kept."""
+    memo = {id(old): new for old, new in _param_pairs(optimizer, param_map)}
+    return copy.deepcopy(optimizer, memo)
+
+
+def _param_pairs(optimizer, param_map):
+    return [(p, param_map[id(p)]) for g in optimizer.param_groups for p in g["params"] if id(p) in param_map]
+
+
+def _rebuild_fused(optimizer, fused_cls, param_map: Dict[int, nn.Parameter]):
+    """Same param groups, hyperparameters, defaults and state, fused class."""
+    unsupported = ("foreach", "fused", "capturable", "differentiable", "maximize", "decoupled_weight_decay")
+    for g in optimizer.param_groups:
+        if g.get("maximize"):
+            raise ValueError("optimize: maximize=True is not supported by the fused optimizers")
+        if g.get("decoupled_weight_decay") and fused_cls is lite_optim.Adam:
+            fused_cls = lite_optim.AdamW  # Adam(decoupled_weight_decay=True) is AdamW
     groups = []
     for g in optimizer.param_groups:
-        g2 = {k: v for k, v in g.items() if k != "params"}
-        for key in ("foreach", "fused", "capturable", "differentiable", "maximize"):
-            g2.pop(key, None)
+        g2 = {k: v for k, v in g.items() if k != "params" and k not in unsupported}
         g2["params"] = [param_map.get(id(p), p) for p in g["params"]]
         groups.append(g2)
-    new = fused_cls(groups)
+    defaults = {k: v for k, v in optimizer.defaults.items() if k not in unsupported}
+    new = fused_cls(groups, **defaults)
     for p_old, st in optimizer.state.items():
         p_new = param_map.get(id(p_old), p_old)
-        new.state[p_new] = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() and k != "step" else v)
-                            for k, v in st.items()}
+        new.state[p_new] = {k: _clone_state_value(k, v) for k, v in st.items()}
     return new
 
 
-def _split_params(model: nn.Module, optimizer) -> Dict[str, nn.Parameter]:
-    """Splits the fp32 weights of supported modules; returns {state_dict key: param}."""
+def _sparse_params(model: nn.Module):
+    return {id(p) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
+            for p in m.parameters(recurse=False)}
+
+
+def _split_params(model: nn.Module, optimizer) -> Dict[str, str]:
+    """Splits the fp32 weights of supported modules (each shared parameter
+    once); returns {state_dict key: parameter path} for every key they appear
+    under, tied weights included."""
     optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    split: Dict[str, nn.Parameter] = {}
-    for mod_name, mod in model.named_modules():
+    done = set()
+    keys: Dict[str, str] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
         if not isinstance(mod, _SPLIT_MODULES):
             continue
         if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and mod.sparse:
             continue  # sparse gradients: use ipex_lite.nn.MergedEmbeddingBagWithSGD / WithAdaGrad
         for p_name, p in mod.named_parameters(recurse=False):
-            if p.dtype != torch.float32 or id(p) not in optimized:
+            key = f"{mod_name}.{p_name}" if mod_name else p_name
+            if id(p) not in optimized or (p.dtype != torch.float32 and id(p) not in done):
                 continue
-            top, trail = ops.split_float_bfloat16(p.data)
-            p.data = top
-            optimizer.state[p]["trail"] = trail
-            split[f"{mod_name}.{p_name}" if mod_name else p_name] = p
-    return split
+            if id(p) not in done:
+                top, trail = ops.split_float_bfloat16(p.data)
+                p.data = top
+                optimizer.state[p]["trail"] = trail
+                done.add(id(p))
+            keys[key] = key
+    return keys
 
 
-class _SplitStateDict:
-    """Model hooks: save joins top + trail to fp32, load splits fp32 back."""
+class _SplitStateDictHooks:
+    """Module hooks (picklable, and bound to whichever module they are called
+    on, so copies of the model report their own weights): save joins top and
+    trail to fp32, load splits fp32 back into top and trail."""
 
-    def __init__(self, optimizer, split: Dict[str, nn.Parameter]):
+    def __init__(self, optimizer, keys):
         self.optimizer = optimizer
-        self.split = split
-        self.pending: Dict[str, torch.Tensor] = {}
+        self.keys = sorted(keys)
+        self.pending = {}
+
+    def _trail(self, p):
+        return self.optimizer.state.get(p, {}).get("trail")
 
     def save(self, module, state_dict, prefix, local_metadata):
-        for key, p in self.split.items():
-            full = prefix + key
-            if full in state_dict:
-                state_dict[full] = lite_optim.master_weight(self.optimizer, p)
+        for key in self.keys:
+            p = module.get_parameter(key)
+            trail = self._trail(p)
+            if prefix + key in state_dict and p.dtype == torch.bfloat16 and trail is not None:
+                state_dict[prefix + key] = ops.cat_bfloat16_float(p.detach(), trail)
 
     def load_pre(self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                  error_msgs):
         self.pending = {}
-        for key, p in self.split.items():
+        for key in self.keys:
             w = state_dict.get(prefix + key)
+            p = module.get_parameter(key)
             if torch.is_tensor(w) and w.is_floating_point() and w.shape == p.shape:
                 top, trail = ops.split_float_bfloat16(w.float().contiguous())
                 state_dict[prefix + key] = top
-                self.pending[key] = trail
+                self.pending[id(p)] = (p, trail)
 
     def load_post(self, module, incompatible_keys):
-        for key, trail in self.pending.items():
-            self.optimizer.state[self.split[key]]["trail"] = trail
+        for p, trail in self.pending.values():
+            self.optimizer.state[p]["trail"] = trail
         self.pending = {}
+
+
+class _Hook:
+    """Picklable bound hook (the public hook API tags callables with attributes)."""
+
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __call__(self, *args):
+        return getattr(self.owner, self.name)(*args)
 
 
 def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, optimizer=None, level: str = "O1",
@@ -135,30 +185,27 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, optimizer=No
 
     if not inplace:
         new_model = copy.deepcopy(model)
-        param_map = {id(a): b for a, b in zip(model.parameters(), new_model.parameters())}
+        # named_parameters(remove_duplicate=False) pairs tied weights correctly
+        param_map = {id(a): b for (_, a), (_, b) in zip(model.named_parameters(remove_duplicate=False),
+                                                        new_model.named_parameters(remove_duplicate=False))}
         model = new_model
     else:
         param_map = {}
 
-    if level == "O0":
-        return model, _rebuild_optimizer(optimizer, type(optimizer), param_map) if param_map else optimizer
-
     fused_cls = _fused_class(optimizer)
-    split = dtype == torch.bfloat16 and split_master_weight_for_bf16 is not False
-    if fused_cls is None:
-        warnings.warn(f"optimize: {type(optimizer).__name__} has no fused ipex_lite version; keeping it and the "
-                      "fp32 weights (autocast still computes in bf16)")
-        if param_map:
-            optimizer = _rebuild_optimizer(optimizer, type(optimizer), param_map)
-        return model, optimizer
+    if level == "O0" or fused_cls is None or _sparse_params(model) & {
+            id(param_map.get(id(p), p)) for g in optimizer.param_groups for p in g["params"]}:
+        if level == "O1":
+            warnings.warn(f"optimize: no fused ipex_lite version of {type(optimizer).__name__}"
+                          + (" for sparse embedding gradients" if fused_cls is not None else "")
+                          + "; keeping it and the fp32 weights (autocast still computes in bf16)")
+        return model, (_same_type_copy(optimizer, param_map) if param_map else optimizer)
 
-    optimizer = _rebuild_optimizer(optimizer, fused_cls, param_map)
-    if split:
-        split_params = _split_params(model, optimizer)
-        hooks = _SplitStateDict(optimizer, split_params)
+    optimizer = _rebuild_fused(optimizer, fused_cls, param_map)
+    if dtype == torch.bfloat16 and split_master_weight_for_bf16 is not False:
+        hooks = _SplitStateDictHooks(optimizer, _split_params(model, optimizer))
         post = getattr(model, "register_state_dict_post_hook", None) or model._register_state_dict_hook
-        # plain functions: the public hook API tags the callable with an attribute
-        post(lambda *args: hooks.save(*args))
-        model.register_load_state_dict_pre_hook(lambda *args: hooks.load_pre(*args))
-        model.register_load_state_dict_post_hook(lambda *args: hooks.load_post(*args))
+        post(_Hook(hooks, "save"))
+        model.register_load_state_dict_pre_hook(_Hook(hooks, "load_pre"))
+        model.register_load_state_dict_post_hook(_Hook(hooks, "load_post"))
     return model, optimizer

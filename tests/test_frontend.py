@@ -100,3 +100,76 @@ def test_argument_checks():
         ipex_lite.optimize(model, dtype=torch.float16)
     with pytest.raises(ValueError, match="training mode"):
         ipex_lite.optimize(model.eval(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_stock_optimizer_checkpoint_keeps_trails():
+    """A checkpoint of a stock fp32 optimizer has no trails: loading it after the
+    model must not reset them (the weights would drop to their bf16 tops)."""
+    base = make_model()
+    m, o = ipex_lite.optimize(base, dtype=torch.bfloat16, optimizer=torch.optim.SGD(base.parameters(), lr=0.05,
+                                                                                     momentum=0.9))
+    train(m, o, 2)
+    stock = make_model()
+    stock_opt = torch.optim.SGD(stock.parameters(), lr=0.05, momentum=0.9)
+    train(stock, stock_opt, 2)
+    m.load_state_dict(stock.state_dict())
+    o.load_state_dict(stock_opt.state_dict())
+    for k, v in stock.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k
+    assert o.state[m[0].weight]["momentum_buffer"].dtype == torch.float32
+
+
+def test_tied_weights_split_once_and_saved_under_every_key():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.dec = nn.Linear(8, 10, bias=False)
+            self.dec.weight = self.emb.weight
+
+        def forward(self, idx):
+            return self.dec(self.emb(idx))
+
+    model = Tied()
+    m, o = ipex_lite.optimize(model, dtype=torch.bfloat16, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert m.emb.weight is m.dec.weight and m.emb.weight.dtype == torch.bfloat16
+    sd = m.state_dict()
+    assert sd["emb.weight"].dtype == sd["dec.weight"].dtype == torch.float32
+    assert torch.equal(sd["emb.weight"], model.emb.weight.detach())
+
+
+def test_original_optimizer_state_is_not_shared():
+    base = make_model()
+    opt = torch.optim.Adam(base.parameters(), lr=1e-2)
+    train(base, opt, 1)
+    before = {k: v.clone() for k, v in opt.state[base[0].weight].items()}
+    m, o = ipex_lite.optimize(base, dtype=torch.bfloat16, optimizer=opt)
+    assert o.defaults["lr"] == 1e-2
+    train(m, o, 2)
+    for k, v in opt.state[base[0].weight].items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_copies_and_pickling_of_optimized_model():
+    import io
+    base = make_model()
+    m, o = ipex_lite.optimize(base, dtype=torch.bfloat16, optimizer=torch.optim.SGD(base.parameters(), lr=0.05))
+    train(m, o, 1)
+    snapshot = copy.deepcopy(m)
+    train(m, o, 2)
+    assert not torch.equal(snapshot.state_dict()["0.weight"], m.state_dict()["0.weight"])
+    buf = io.BytesIO()
+    torch.save(m, buf)
+
+
+def test_maximize_and_sparse_embeddings():
+    base = make_model()
+    with pytest.raises(ValueError, match="maximize"):
+        ipex_lite.optimize(base, dtype=torch.bfloat16, optimizer=torch.optim.SGD(base.parameters(), lr=0.1,
+                                                                                  maximize=True))
+    emb = nn.EmbeddingBag(10, 4, sparse=True)
+    with pytest.warns(UserWarning, match="sparse"):
+        m, o = ipex_lite.optimize(emb, dtype=torch.bfloat16, optimizer=torch.optim.SGD(emb.parameters(), lr=0.1))
+    assert type(o) is torch.optim.SGD
+    m(torch.tensor([1, 2]), torch.tensor([0])).sum().backward()
+    o.step()

@@ -202,7 +202,7 @@ def test_opcheck():
 
 def test_bad_inputs():
     p = torch.randn(10)
-    with pytest.raises(RuntimeError, match="grad has 9 elements"):
+    with pytest.raises(RuntimeError, match="grad has shape"):
         ops.sgd_step_(p, torch.randn(9), torch.zeros(10), torch.empty(0, dtype=torch.bfloat16), 0.1, 0.9, 0.0,
                       False, 0.0, False)
     with pytest.raises(RuntimeError, match="momentum_buffer"):
@@ -269,3 +269,47 @@ def test_every_isa_level(level):
     assert res["level"] == level
     for key, err in res["errors"].items():
         assert err < 1e-5, (key, err)
+
+
+def test_state_and_memory_checks():
+    p = torch.randn(10)
+    with pytest.raises(RuntimeError, match="share memory"):
+        ops.sgd_step_(p, torch.randn(10), p, torch.empty(0, dtype=torch.bfloat16), 0.1, 0.9, 0.0, False, 0.0, False)
+    top, trail = ops.split_float_bfloat16(torch.randn(10))
+    with pytest.raises(RuntimeError, match="share memory"):
+        ops.sgd_step_(top, torch.randn(10), torch.zeros(10), top, 0.1, 0.0, 0.0, False, 0.0, False)
+    with pytest.raises(RuntimeError, match="grad has shape"):
+        ops.sgd_step_(torch.randn(2, 3), torch.randn(3, 2), torch.zeros(2, 3), torch.empty(0, dtype=torch.bfloat16),
+                      0.1, 0.9, 0.0, False, 0.0, False)
+
+
+def test_inf_weight_stays_inf_without_weight_decay():
+    p = torch.nn.Parameter(torch.tensor([float("inf"), 1.0]))
+    p.grad = torch.tensor([1.0, 1.0])
+    lo.SGD([p], lr=0.1).step()
+    assert torch.isinf(p[0])
+
+
+def test_adagrad_added_group_and_fp32_initial_sum():
+    p = torch.nn.Parameter(torch.randn(3).bfloat16())
+    opt = lo.Adagrad([p], lr=0.1, initial_accumulator_value=0.1)
+    assert opt.state[p]["sum"].dtype == torch.float32 and opt.state[p]["sum"][0].item() == pytest.approx(0.1, abs=1e-7)
+    q = torch.nn.Parameter(torch.randn(4))
+    opt.add_param_group({"params": [q]})
+    q.grad = torch.ones(4)
+    opt.step()
+    assert float(opt.state[q]["step"]) == 1
+
+
+def test_adam_decoupled_flag_is_honoured():
+    if "decoupled_weight_decay" not in torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))]).defaults:
+        pytest.skip("this torch's Adam has no decoupled_weight_decay")
+    ref = torch.nn.Parameter(torch.ones(4))
+    lite = torch.nn.Parameter(torch.ones(4))
+    o_ref = torch.optim.Adam([ref], lr=0.1, weight_decay=0.5, decoupled_weight_decay=True)
+    o_lite = lo.Adam([lite], lr=0.1, weight_decay=0.5)
+    o_lite.param_groups[0]["decoupled_weight_decay"] = True
+    for o, p in ((o_ref, ref), (o_lite, lite)):
+        p.grad = torch.full((4,), 0.3)
+        o.step()
+    torch.testing.assert_close(lite.detach(), ref.detach())

@@ -67,20 +67,20 @@ void sgd_impl(const OptStepArgs& a, int64_t begin, int64_t end) {
   if (mom == 0.0f) {
     for (int64_t i = begin; i < end; ++i) {
       const float w = load_param<MODE>(p, p2, i);
-      const float d = load_grad<GB16>(g, i) + wd * w;
+      const float d = (wd != 0.0f ? load_grad<GB16>(g, i) + wd * w : load_grad<GB16>(g, i));
       store_param<MODE>(p, p2, i, w - lr * d);
     }
   } else if (a.first_step) {
     for (int64_t i = begin; i < end; ++i) {
       const float w = load_param<MODE>(p, p2, i);
-      const float d = load_grad<GB16>(g, i) + wd * w;
+      const float d = (wd != 0.0f ? load_grad<GB16>(g, i) + wd * w : load_grad<GB16>(g, i));
       buf[i] = d;
       store_param<MODE>(p, p2, i, w - lr * (a.nesterov ? d + mom * d : d));
     }
   } else {
     for (int64_t i = begin; i < end; ++i) {
       const float w = load_param<MODE>(p, p2, i);
-      const float d = load_grad<GB16>(g, i) + wd * w;
+      const float d = (wd != 0.0f ? load_grad<GB16>(g, i) + wd * w : load_grad<GB16>(g, i));
       const float b = mom * buf[i] + damp * d;
       buf[i] = b;
       store_param<MODE>(p, p2, i, w - lr * (a.nesterov ? d + mom * b : b));
@@ -98,12 +98,12 @@ void adam_impl(const OptStepArgs& a, int64_t begin, int64_t end) {
   float* __restrict v = a.state2;
   float* __restrict vmax = a.state3;
   const float lr = a.lr, wd = a.weight_decay, b1 = a.beta1, b2 = a.beta2, eps = a.eps;
-  const float step_size = lr / a.bias_correction1, bc2s = a.bias_correction2_sqrt;
+  const float step_size = a.step_size, bc2s = a.bias_correction2_sqrt;
   const float decay = a.decoupled_weight_decay ? 1.0f - lr * wd : 1.0f;
   const float l2 = a.decoupled_weight_decay ? 0.0f : wd;
   for (int64_t i = begin; i < end; ++i) {
     const float w = load_param<MODE>(p, p2, i) * decay;
-    const float d = load_grad<GB16>(g, i) + l2 * w;
+    const float d = (l2 != 0.0f ? load_grad<GB16>(g, i) + l2 * w : load_grad<GB16>(g, i));
     const float mi = m[i] + (1.0f - b1) * (d - m[i]);  // torch's lerp form
     const float vi = b2 * v[i] + (1.0f - b2) * d * d;
     m[i] = mi;
@@ -128,7 +128,7 @@ void adagrad_impl(const OptStepArgs& a, int64_t begin, int64_t end) {
   const float clr = a.lr, wd = a.weight_decay, eps = a.eps;
   for (int64_t i = begin; i < end; ++i) {
     const float w = load_param<MODE>(p, p2, i);
-    const float d = load_grad<GB16>(g, i) + wd * w;
+    const float d = (wd != 0.0f ? load_grad<GB16>(g, i) + wd * w : load_grad<GB16>(g, i));
     const float s = sum[i] + d * d;
     sum[i] = s;
     store_param<MODE>(p, p2, i, w - clr * (d / (__builtin_sqrtf(s) + eps)));

@@ -27,7 +27,7 @@ struct OptStepArgs {
   float momentum, dampening;  // SGD
   bool nesterov, first_step;  // SGD (first_step: momentum buffer starts as the gradient)
   float beta1, beta2, eps;    // Adam / Adagrad (eps)
-  float bias_correction1, bias_correction2_sqrt;
+  float bias_correction1, bias_correction2_sqrt, step_size;
   bool amsgrad, decoupled_weight_decay;  // AdamW
 };
 

@@ -1,12 +1,16 @@
 // Split-BF16 helpers and fused optimizer steps: schemas, checks, CPU
 // implementations.  Loops in csrc/kernels/optimizer_kernel.cpp.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "dispatch/isa.h"
 #include "kernels/optimizer_kernel.h"
@@ -62,8 +66,8 @@ Step check_step(const char* op, const at::Tensor& param, const at::Tensor& grad,
     s.mode = k::kModeSplit;
   }
   check_cpu_dense(grad, op, "grad");
-  TORCH_CHECK(grad.numel() == param.numel(), op, ": grad has ", grad.numel(), " elements but param has ",
-              param.numel());
+  TORCH_CHECK(grad.sizes() == param.sizes(), op, ": grad has shape ", grad.sizes(), " but param has ",
+              param.sizes());
   TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kBFloat16, op, ": grad has dtype ",
               grad.scalar_type(), "; expected float32 or bfloat16");
   s.grad_bf16 = grad.scalar_type() == at::kBFloat16;
@@ -74,6 +78,27 @@ Step check_step(const char* op, const at::Tensor& param, const at::Tensor& grad,
 void check_state(const at::Tensor& t, const char* op, const char* name, int64_t numel) {
   check_in_place(t, op, name, numel);
   TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+}
+
+// The kernels read and write through __restrict pointers: every tensor a
+// step writes must be its own memory, and the gradient must not alias them.
+void check_distinct(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> written,
+                    const at::Tensor& grad) {
+  std::vector<std::pair<const char*, const at::Tensor*>> ts;
+  for (const auto& w : written)
+    if (w.second->defined() && w.second->numel() > 0) ts.push_back(w);
+  for (size_t i = 0; i < ts.size(); ++i) {
+    if (grad.defined()) {
+      const auto sg = at::get_overlap_status(*ts[i].second, grad);
+      TORCH_CHECK(sg != at::MemOverlapStatus::Full && sg != at::MemOverlapStatus::Partial, op, ": ", ts[i].first,
+                  " shares memory with grad");
+    }
+    for (size_t j = 0; j < i; ++j) {
+      const auto st = at::get_overlap_status(*ts[i].second, *ts[j].second);
+      TORCH_CHECK(st != at::MemOverlapStatus::Full && st != at::MemOverlapStatus::Partial, op, ": ", ts[i].first,
+                  " and ", ts[j].first, " share memory");
+    }
+  }
 }
 
 void run(k::OptStepFn fn, const k::OptStepArgs& args, int64_t numel) {
@@ -91,6 +116,7 @@ void sgd_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor&
     check_state(momentum_buffer, op, "momentum_buffer", param.numel());
     a.state1 = momentum_buffer.data_ptr<float>();
   }
+  check_distinct(op, {{"param", &param}, {"param2", &param2}, {"momentum_buffer", &momentum_buffer}}, s.grad);
   a.param = param.data_ptr();
   a.param2 = param2.numel() ? param2.data_ptr() : nullptr;
   a.grad = s.grad.data_ptr();
@@ -116,6 +142,8 @@ void adam_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
     check_state(max_exp_avg_sq, op, "max_exp_avg_sq", param.numel());
     a.state3 = max_exp_avg_sq.data_ptr<float>();
   }
+  check_distinct(op, {{"param", &param}, {"param2", &param2}, {"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq},
+                      {"max_exp_avg_sq", &max_exp_avg_sq}}, s.grad);
   a.param = param.data_ptr();
   a.param2 = param2.numel() ? param2.data_ptr() : nullptr;
   a.grad = s.grad.data_ptr();
@@ -126,8 +154,9 @@ void adam_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
   a.beta1 = static_cast<float>(beta1);
   a.beta2 = static_cast<float>(beta2);
   a.eps = static_cast<float>(eps);
-  // Bias corrections in double, as torch.optim computes them in Python.
+  // Bias corrections and the step size in double, as torch.optim computes them in Python.
   a.bias_correction1 = static_cast<float>(1.0 - std::pow(beta1, step));
+  a.step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, step)));
   a.bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
   a.amsgrad = amsgrad;
   a.decoupled_weight_decay = adamw;
@@ -139,6 +168,7 @@ void adagrad_step(const at::Tensor& param, const at::Tensor& grad, const at::Ten
   const char* op = "adagrad_step_";
   Step s = check_step(op, param, grad, param2);
   check_state(state_sum, op, "state_sum", param.numel());
+  check_distinct(op, {{"param", &param}, {"param2", &param2}, {"state_sum", &state_sum}}, s.grad);
   k::OptStepArgs a{};
   a.param = param.data_ptr();
   a.param2 = param2.numel() ? param2.data_ptr() : nullptr;
@@ -190,6 +220,7 @@ void packed_add(const at::Tensor& top, const at::Tensor& trail, const at::Tensor
   TORCH_CHECK(top.scalar_type() == at::kBFloat16 && trail.scalar_type() == at::kBFloat16, op,
               ": top and trail must be bfloat16");
   TORCH_CHECK(top.sizes() == trail.sizes(), op, ": top and trail must have the same shape");
+  check_distinct(op, {{"top", &top}, {"trail", &trail}}, grad_in.layout() == at::kStrided ? grad_in : at::Tensor());
   TORCH_CHECK(grad_in.defined() && grad_in.device().is_cpu(), op, ": grad must be a CPU tensor");
   TORCH_CHECK(grad_in.scalar_type() == at::kFloat || grad_in.scalar_type() == at::kBFloat16, op,
               ": grad must be float32 or bfloat16, got ", grad_in.scalar_type());

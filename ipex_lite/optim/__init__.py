@@ -57,18 +57,25 @@ class _KeepStateDtypes:
 
 def _stash_state_dict(optimizer, state_dict):
     optimizer._loading_state_dict = state_dict
+    # a checkpoint of a stock (fp32) optimizer has no trails: keep the current ones
+    optimizer._loading_trails = {p: st["trail"] for p, st in optimizer.state.items() if "trail" in st}
 
 
 def _restore_state_dtypes(optimizer):
     saved = optimizer.__dict__.pop("_loading_state_dict", None)
+    trails = optimizer.__dict__.pop("_loading_trails", {})
     if saved is None:
         return
     saved_ids = [i for g in saved["param_groups"] for i in g["params"]]
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for pid, p in zip(saved_ids, params):
-        for key, value in saved["state"].get(pid, {}).items():
+        saved_state = saved["state"].get(pid, {})
+        for key, value in saved_state.items():
             if torch.is_tensor(value) and value.is_floating_point() and key != "step":
-                optimizer.state[p][key] = value.detach().clone(memory_format=torch.contiguous_format)
+                value = value.detach().clone(memory_format=torch.contiguous_format)
+                optimizer.state[p][key] = value if key == "trail" else value.float()
+        if "trail" not in saved_state and p in trails and p.dtype == torch.bfloat16:
+            optimizer.state[p]["trail"] = trails[p]
 
 
 class SGD(_KeepStateDtypes, torch.optim.SGD):
@@ -144,7 +151,7 @@ class _AdamStep(_KeepStateDtypes):
                                state.get("max_exp_avg_sq", torch.empty(0)), _param2(self, p),
                                float(state["step"]), float(group["lr"]), float(beta1), float(beta2),
                                float(group["eps"]), float(group["weight_decay"]), bool(group["amsgrad"]),
-                               self._decoupled)
+                               bool(group.get("decoupled_weight_decay", self._decoupled)))
         return loss
 
 
@@ -177,9 +184,13 @@ class Adagrad(_KeepStateDtypes, torch.optim.Adagrad):
                          initial_accumulator_value=initial_accumulator_value, eps=eps)
         for group in self.param_groups:  # torch creates the state in the parameter's dtype; keep it fp32
             for p in group["params"]:
-                state = self.state[p]
-                state["sum"] = state["sum"].float()
+                self._init_state(group, p)
         self._keep_state_dtypes()
+
+    def _init_state(self, group, p):
+        state = self.state[p]
+        state["step"] = torch.tensor(0.0)
+        state["sum"] = torch.full(p.shape, float(group["initial_accumulator_value"]), dtype=torch.float32)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -194,6 +205,8 @@ class Adagrad(_KeepStateDtypes, torch.optim.Adagrad):
                 _check_param(self, p)
                 grad = _dense_grad(self, p)
                 state = self.state[p]
+                if "sum" not in state:  # a group added after construction
+                    self._init_state(group, p)
                 state["step"] += 1
                 clr = group["lr"] / (1 + (float(state["step"]) - 1) * group["lr_decay"])
                 ops.adagrad_step_(p, grad, state["sum"], _param2(self, p), float(clr), float(group["eps"]),

@@ -83,6 +83,28 @@ def _rebuild_fused(optimizer, fused_cls, param_map: Dict[int, nn.Parameter]):
     return new
 
 
+def _fuse_embedding_sgd(model: nn.Module, optimizer, split: bool) -> None:
+    """Plain-SGD EmbeddingBag tables are updated inside backward (only the
+    touched rows; no dense table gradient): identical results to the dense
+    step because rows outside the batch have zero gradient."""
+    if not isinstance(optimizer, lite_optim.SGD):
+        return
+    from .nn.modules import SGDEmbeddingBag
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.EmbeddingBag or id(child.weight) not in group_of:
+                continue
+            g = group_of[id(child.weight)]
+            if g["momentum"] != 0 or g["weight_decay"] != 0 or child.mode == "max" or child.sparse \
+                    or child.max_norm is not None or child.padding_idx is not None or child.scale_grad_by_freq:
+                continue
+            fused = SGDEmbeddingBag(child, g, split)
+            g["params"] = [p for p in g["params"] if p is not child.weight]
+            optimizer.state.pop(child.weight, None)
+            setattr(parent, name, fused)
+
+
 def _sparse_params(model: nn.Module):
     return {id(p) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
             for p in m.parameters(recurse=False)}
@@ -202,7 +224,9 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, optimizer=No
         return model, (_same_type_copy(optimizer, param_map) if param_map else optimizer)
 
     optimizer = _rebuild_fused(optimizer, fused_cls, param_map)
-    if dtype == torch.bfloat16 and split_master_weight_for_bf16 is not False:
+    split = dtype == torch.bfloat16 and split_master_weight_for_bf16 is not False
+    _fuse_embedding_sgd(model, optimizer, split)
+    if split:
         hooks = _SplitStateDictHooks(optimizer, _split_params(model, optimizer))
         post = getattr(model, "register_state_dict_post_hook", None) or model._register_state_dict_hook
         post(_Hook(hooks, "save"))

@@ -173,3 +173,75 @@ def test_maximize_and_sparse_embeddings():
     assert type(o) is torch.optim.SGD
     m(torch.tensor([1, 2]), torch.tensor([0])).sum().backward()
     o.step()
+
+
+class TinyRec(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.EmbeddingBag(50, 8, mode="sum")
+        self.emb_mean = nn.EmbeddingBag(30, 8, mode="mean", include_last_offset=True)
+        self.top = nn.Linear(16, 1)
+
+    def forward(self, idx, off, idx2, off2):
+        return self.top(torch.cat([self.emb(idx, off), self.emb_mean(idx2, off2)], dim=1))
+
+
+def _rec_batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        idx = torch.randint(0, 50, (20,), generator=g)
+        idx2 = torch.randint(0, 30, (13,), generator=g)
+        off = torch.tensor([0, 3, 3, 9])
+        off2 = torch.tensor([0, 2, 5, 5, 13])
+        out.append((idx, off, idx2, off2, torch.randn(4, 1, generator=g)))
+    return out
+
+
+def test_plain_sgd_tables_update_in_backward_like_dense_sgd():
+    from ipex_lite.nn.modules import SGDEmbeddingBag
+    ref = TinyRec()
+    model = copy.deepcopy(ref)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    m, o = ipex_lite.optimize(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))  # fp32: exact path
+    assert isinstance(m.emb, SGDEmbeddingBag) and isinstance(m.emb_mean, SGDEmbeddingBag)
+    assert all(p is not m.emb.weight for g in o.param_groups for p in g["params"])
+    sched = torch.optim.lr_scheduler.StepLR(o, 1, 0.5)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, 1, 0.5)
+    for idx, off, idx2, off2, y in _rec_batches(4):
+        for mm, oo, ss in ((m, o, sched), (ref, ref_opt, ref_sched)):
+            oo.zero_grad()
+            (mm(idx, off, idx2, off2) - y).pow(2).mean().backward()
+            oo.step()
+            ss.step()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(m.state_dict()[k], v, rtol=1e-6, atol=1e-7)
+
+
+def test_plain_sgd_tables_split_bf16():
+    ref = TinyRec()
+    model = copy.deepcopy(ref)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    m, o = ipex_lite.optimize(model, dtype=torch.bfloat16, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert m.emb.weight.dtype == torch.bfloat16
+    assert torch.equal(m.state_dict()["emb.weight"], ref.emb.weight.detach())  # exact fp32 at the start
+    for idx, off, idx2, off2, y in _rec_batches(4):
+        o.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(idx, off, idx2, off2)
+        (out.float() - y).pow(2).mean().backward()
+        o.step()
+        ref_opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ref(idx, off, idx2, off2)
+        (out.float() - y).pow(2).mean().backward()
+        ref_opt.step()
+    for k, v in ref.state_dict().items():
+        assert m.state_dict()[k].dtype == torch.float32
+        # bf16 compute on both sides, but the split top is the truncated weight where stock autocast rounds
+        torch.testing.assert_close(m.state_dict()[k], v, rtol=5e-2, atol=5e-2)
+    # rows no batch touched keep their exact initial fp32 value
+    touched = torch.unique(torch.cat([b[0] for b in _rec_batches(4)]))
+    untouched = torch.tensor(sorted(set(range(50)) - set(touched.tolist())))
+    assert torch.equal(m.state_dict()["emb.weight"][untouched], TinyRec().emb.weight.detach()[untouched])

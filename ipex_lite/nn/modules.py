@@ -364,3 +364,98 @@ class MergedEmbeddingBagWithCat(MergedEmbeddingBag):
         indices, offsets, psw = self._lists(indices, offsets, per_sample_weights)
         return ops.merged_embedding_bag_cat_forward(dense, list(self.weights), indices, offsets, self.pooling_mode,
                                                     self.include_last_offset, psw)
+
+
+class _TableSGDLookup(torch.autograd.Function):
+    """One table: forward lookup; backward applies w -= lr * g to the touched
+    rows of the split weight in place (no weight gradient is produced)."""
+
+    @staticmethod
+    def forward(ctx, module, weight, indices, offsets, psw):
+        ctx.module = module
+        ctx.save_for_backward(indices, offsets, *([psw] if psw is not None else []))
+        psw_list = [psw] if psw is not None else []
+        return ops.merged_embedding_bag_forward([weight], [indices], [offsets], module.pooling_mode,
+                                                module.include_last_offset, psw_list)[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        indices, offsets, psw = saved[0], saved[1], list(saved[2:])
+        m = ctx.module
+        with torch.no_grad():
+            ops.merged_embedding_bag_sgd_([grad.to(m.weight.dtype).contiguous()], [m.weight.data], m.trails(),
+                                          [indices], [offsets], m.pooling_mode, m.include_last_offset, psw,
+                                          float(m.sgd_group["lr"]), 0.0)
+        return None, None, None, None, None
+
+
+class SGDEmbeddingBag(nn.Module):
+    """An nn.EmbeddingBag trained by plain SGD inside backward.
+
+    ``ipex_lite.optimize`` swaps it in for nn.EmbeddingBag tables whose
+    optimizer group is plain SGD (no momentum, no weight decay): the update of
+    the rows a batch touched equals the dense-gradient step (untouched rows
+    have zero gradient), but no (rows x dim) gradient is written and read.
+    The learning rate is read from the optimizer's param group at each step,
+    so LR schedulers apply.  With a bf16 weight the fp32 master is split
+    (trail buffer); ``state_dict()["weight"]`` is always the exact fp32 weight.
+    """
+
+    def __init__(self, emb: nn.EmbeddingBag, sgd_group: dict, split_bf16: bool):
+        super().__init__()
+        if emb.mode not in ("sum", "mean") or emb.max_norm is not None or emb.padding_idx is not None \
+                or emb.scale_grad_by_freq or emb.sparse:
+            raise ValueError("SGDEmbeddingBag supports sum/mean EmbeddingBag without max_norm, padding_idx, "
+                             "scale_grad_by_freq or sparse")
+        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+        self.mode, self.pooling_mode = emb.mode, _MODES[emb.mode]
+        self.include_last_offset = emb.include_last_offset
+        self.sgd_group = sgd_group
+        self.split_bf16 = split_bf16
+        w = emb.weight.detach()
+        if split_bf16:
+            top, trail = ops_split(w.float().contiguous())
+            self.weight = nn.Parameter(top, requires_grad=True)
+            self.register_buffer("trail", trail, persistent=False)
+        else:
+            self.weight = nn.Parameter(w.clone().contiguous(), requires_grad=True)
+            self.register_buffer("trail", None, persistent=False)
+        post = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
+        post(SGDEmbeddingBag._join_hook)
+        self.register_load_state_dict_pre_hook(SGDEmbeddingBag._split_hook)
+
+    def trails(self):
+        return [self.trail] if self.split_bf16 else []
+
+    @staticmethod
+    def _join_hook(module, state_dict, prefix, local_metadata):
+        if module.split_bf16:
+            state_dict[prefix + "weight"] = ops_join(module.weight.detach(), module.trail)
+
+    @staticmethod
+    def _split_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        w = state_dict.get(prefix + "weight")
+        if module.split_bf16 and torch.is_tensor(w) and w.is_floating_point() and w.shape == module.weight.shape:
+            top, trail = ops_split(w.float().contiguous())
+            state_dict[prefix + "weight"] = top
+            with torch.no_grad():
+                module.trail.copy_(trail)
+
+    def forward(self, input, offsets=None, per_sample_weights=None):
+        if input.dim() == 2:
+            if offsets is not None:
+                raise ValueError("offsets must be None when input is 2-D")
+            batch, bag = input.shape
+            offsets = torch.arange(0, batch * bag, bag, dtype=input.dtype)
+            input = input.reshape(-1)
+        elif offsets is None:
+            raise ValueError("offsets are required when input is 1-D")
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return _TableSGDLookup.apply(self, self.weight, input, offsets, per_sample_weights)
+        psw = [per_sample_weights] if per_sample_weights is not None else []
+        return ops.merged_embedding_bag_forward([self.weight], [input], [offsets], self.pooling_mode,
+                                                self.include_last_offset, psw)[0]
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode!r}, split_bf16={self.split_bf16}"

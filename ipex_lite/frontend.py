@@ -202,9 +202,10 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, optimizer=No
                                   "an optimizer for split-BF16 training")
     if not model.training:
         raise ValueError("optimize: an optimizer was given, so the model must be in training mode (model.train())")
-    if fuse_update_step:
-        raise NotImplementedError("optimize: fuse_update_step (update inside backward) is not in this build yet")
 
+    model_params = {id(p) for p in model.parameters()}
+    if not any(id(p) in model_params for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError("optimize: none of the optimizer's parameters belong to the model")
     if not inplace:
         new_model = copy.deepcopy(model)
         # named_parameters(remove_duplicate=False) pairs tied weights correctly
@@ -232,4 +233,6 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, optimizer=No
         post(_Hook(hooks, "save"))
         model.register_load_state_dict_pre_hook(_Hook(hooks, "load_pre"))
         model.register_load_state_dict_post_hook(_Hook(hooks, "load_post"))
+    if fuse_update_step:
+        lite_optim.update_in_backward_(optimizer)
     return model, optimizer

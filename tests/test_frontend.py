@@ -98,6 +98,8 @@ def test_argument_checks():
         ipex_lite.optimize(model, level="O3")
     with pytest.raises(ValueError, match="dtype"):
         ipex_lite.optimize(model, dtype=torch.float16)
+    with pytest.raises(ValueError, match="belong to the model"):
+        ipex_lite.optimize(make_model(), optimizer=torch.optim.SGD(make_model().parameters(), lr=0.1))
     with pytest.raises(ValueError, match="training mode"):
         ipex_lite.optimize(model.eval(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
 
@@ -245,3 +247,16 @@ def test_plain_sgd_tables_split_bf16():
     touched = torch.unique(torch.cat([b[0] for b in _rec_batches(4)]))
     untouched = torch.tensor(sorted(set(range(50)) - set(touched.tolist())))
     assert torch.equal(m.state_dict()["emb.weight"][untouched], TinyRec().emb.weight.detach()[untouched])
+
+
+def test_fuse_update_step_matches_separate_step():
+    base = make_model()
+    m1, o1 = ipex_lite.optimize(base, dtype=torch.bfloat16,
+                                optimizer=torch.optim.SGD(base.parameters(), lr=0.05, momentum=0.9))
+    base2 = make_model()
+    m2, o2 = ipex_lite.optimize(base2, dtype=torch.bfloat16, fuse_update_step=True,
+                                optimizer=torch.optim.SGD(base2.parameters(), lr=0.05, momentum=0.9))
+    assert train(m1, o1, 3) == train(m2, o2, 3)
+    assert all(p.grad is None for p in m2.parameters())
+    for k, v in m1.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k])

@@ -2,6 +2,7 @@
 mode on the joined fp32 weight, bf16-copy mode), the split/join/packed_add
 ops, optimizer plumbing (schedulers, param groups, state dicts), opcheck,
 every ISA level, bad inputs."""
+import copy
 import json
 import os
 import subprocess
@@ -313,3 +314,29 @@ def test_adam_decoupled_flag_is_honoured():
         p.grad = torch.full((4,), 0.3)
         o.step()
     torch.testing.assert_close(lite.detach(), ref.detach())
+
+
+@pytest.mark.parametrize("cls,kw", [(lo.SGD, dict(lr=0.1, momentum=0.9)), (lo.AdamW, dict(lr=1e-2)),
+                                    (lo.Adagrad, dict(lr=0.1))])
+def test_update_in_backward_equals_separate_step(cls, kw):
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    b = copy.deepcopy(a)
+    opt_a, opt_b = cls(a.parameters(), **kw), cls(b.parameters(), **kw)
+    lo.split_master_weights_(opt_b)
+    lo.split_master_weights_(opt_a)
+    handles = lo.update_in_backward_(opt_b)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x, y = torch.randn(32, 8, generator=g), torch.randn(32, 1, generator=g)
+        for m, o in ((a, opt_a), (b, opt_b)):
+            o.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = (m(x).float() - y).pow(2).mean()
+            loss.backward()
+            o.step()
+        assert all(p.grad is None for p in b.parameters())  # freed inside backward
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(lo.master_weight(opt_a, pa), lo.master_weight(opt_b, pb))
+    for h in handles:
+        h.remove()

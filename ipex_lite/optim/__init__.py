@@ -13,7 +13,7 @@ from typing import Iterable, List, Optional
 
 import torch
 
-__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "split_master_weights_", "master_weight"]
+__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "split_master_weights_", "master_weight", "update_in_backward_"]
 
 ops = torch.ops.ipex_lite
 _EMPTY = torch.empty(0, dtype=torch.bfloat16)
@@ -45,14 +45,35 @@ def _check_param(optimizer, p):
 
 
 class _KeepStateDtypes:
-    """torch.optim.Optimizer.load_state_dict casts floating state to the
-    parameter's dtype: fp32 momenta of a bf16 (split) parameter would become
-    bf16 and the trail would be rounded.  These hooks put the saved tensors
-    back as they were, so a resumed run is bit-identical."""
+    """Shared by the fused optimizers.
+
+    * ``step`` runs the fused per-parameter ``_update`` of every parameter
+      with a gradient.
+    * ``load_state_dict``: torch casts floating state to the parameter's
+      dtype, so fp32 momenta of a bf16 (split) parameter would become bf16
+      and the trail would be rounded; hooks put the saved tensors back as they
+      were, so a resumed run is bit-identical.
+    * :func:`update_in_backward_` applies each parameter's update as soon as
+      its gradient is accumulated.
+    """
 
     def _keep_state_dtypes(self):
         self.register_load_state_dict_pre_hook(_stash_state_dict)
         self.register_load_state_dict_post_hook(_restore_state_dtypes)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                _check_param(self, p)
+                self._update(group, p)
+        return loss
 
 
 def _stash_state_dict(optimizer, state_dict):
@@ -89,32 +110,20 @@ class SGD(_KeepStateDtypes, torch.optim.SGD):
                          nesterov=nesterov)
         self._keep_state_dtypes()
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                _check_param(self, p)
-                grad = _dense_grad(self, p)
-                state = self.state[p]
-                momentum = group["momentum"]
-                first = False
-                buf = _EMPTY
-                if momentum != 0:
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = torch.empty(p.shape, dtype=torch.float32)
-                        state["momentum_buffer"] = buf
-                        first = True
-                ops.sgd_step_(p, grad, buf, _param2(self, p), float(group["lr"]), float(momentum),
-                              float(group["dampening"]), bool(group["nesterov"]), float(group["weight_decay"]),
-                              first)
-        return loss
+    def _update(self, group, p):
+        grad = _dense_grad(self, p)
+        state = self.state[p]
+        momentum = group["momentum"]
+        first = False
+        buf = _EMPTY
+        if momentum != 0:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = torch.empty(p.shape, dtype=torch.float32)
+                state["momentum_buffer"] = buf
+                first = True
+        ops.sgd_step_(p, grad, buf, _param2(self, p), float(group["lr"]), float(momentum),
+                      float(group["dampening"]), bool(group["nesterov"]), float(group["weight_decay"]), first)
 
 
 class _AdamStep(_KeepStateDtypes):
@@ -126,33 +135,21 @@ class _AdamStep(_KeepStateDtypes):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
         self._keep_state_dtypes()
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                _check_param(self, p)
-                grad = _dense_grad(self, p)
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32)
-                    if group["amsgrad"]:
-                        state["max_exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32)
-                state["step"] += 1
-                ops.adam_step_(p, grad, state["exp_avg"], state["exp_avg_sq"],
-                               state.get("max_exp_avg_sq", torch.empty(0)), _param2(self, p),
-                               float(state["step"]), float(group["lr"]), float(beta1), float(beta2),
-                               float(group["eps"]), float(group["weight_decay"]), bool(group["amsgrad"]),
-                               bool(group.get("decoupled_weight_decay", self._decoupled)))
-        return loss
+    def _update(self, group, p):
+        beta1, beta2 = group["betas"]
+        grad = _dense_grad(self, p)
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32)
+        state["step"] += 1
+        ops.adam_step_(p, grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq", torch.empty(0)),
+                       _param2(self, p), float(state["step"]), float(group["lr"]), float(beta1), float(beta2),
+                       float(group["eps"]), float(group["weight_decay"]), bool(group["amsgrad"]),
+                       bool(group.get("decoupled_weight_decay", self._decoupled)))
 
 
 class Adam(_AdamStep, torch.optim.Adam):
@@ -192,26 +189,47 @@ class Adagrad(_KeepStateDtypes, torch.optim.Adagrad):
         state["step"] = torch.tensor(0.0)
         state["sum"] = torch.full(p.shape, float(group["initial_accumulator_value"]), dtype=torch.float32)
 
+    def _update(self, group, p):
+        grad = _dense_grad(self, p)
+        state = self.state[p]
+        if "sum" not in state:  # a group added after construction
+            self._init_state(group, p)
+        state["step"] += 1
+        clr = group["lr"] / (1 + (float(state["step"]) - 1) * group["lr_decay"])
+        ops.adagrad_step_(p, grad, state["sum"], _param2(self, p), float(clr), float(group["eps"]),
+                          float(group["weight_decay"]))
+
+
+class _UpdateInBackward:
+    """Post-accumulate-grad hook: update this parameter now and free its gradient."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
     @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                _check_param(self, p)
-                grad = _dense_grad(self, p)
-                state = self.state[p]
-                if "sum" not in state:  # a group added after construction
-                    self._init_state(group, p)
-                state["step"] += 1
-                clr = group["lr"] / (1 + (float(state["step"]) - 1) * group["lr_decay"])
-                ops.adagrad_step_(p, grad, state["sum"], _param2(self, p), float(clr), float(group["eps"]),
-                                  float(group["weight_decay"]))
-        return loss
+    def __call__(self, p):
+        opt = self.optimizer
+        for group in opt.param_groups:
+            if any(q is p for q in group["params"]):
+                _check_param(opt, p)
+                opt._update(group, p)
+                break
+        p.grad = None
+
+
+def update_in_backward_(optimizer: torch.optim.Optimizer):
+    """Applies each parameter's fused update inside backward, as soon as its
+    gradient is accumulated (while it is still in cache), and frees the
+    gradient right away: no pass over all gradients after backward and no
+    gradient storage held across the step.  ``optimizer.step()`` then has
+    nothing left to do.  Semantics: one backward per step (no gradient
+    accumulation over several backward calls) and no gradient clipping or
+    other use of the gradients across parameters.  Results equal those of
+    the separate step.  Returns the hook handles (``.remove()`` undoes it)."""
+    if not isinstance(optimizer, _KeepStateDtypes):
+        raise TypeError("update_in_backward_ needs an ipex_lite.optim optimizer")
+    hook = _UpdateInBackward(optimizer)
+    return [p.register_post_accumulate_grad_hook(hook) for g in optimizer.param_groups for p in g["params"]]
 
 
 def split_master_weights_(optimizer: torch.optim.Optimizer) -> None:

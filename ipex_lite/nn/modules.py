@@ -372,6 +372,7 @@ class _TableSGDLookup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, module, weight, indices, offsets, psw):
+        _no_psw_grad([psw] if psw is not None else [])
         ctx.module = module
         ctx.save_for_backward(indices, offsets, *([psw] if psw is not None else []))
         psw_list = [psw] if psw is not None else []

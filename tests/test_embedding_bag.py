@@ -15,7 +15,7 @@ from torch import nn
 import ipex_lite
 from ipex_lite.nn import (EmbeddingSpec, MergedEmbeddingBag, MergedEmbeddingBagWithAdaGrad,
                           MergedEmbeddingBagWithCat, MergedEmbeddingBagWithSGD)
-from ipex_lite.nn.modules import ops_join, ops_split, split_table_batched
+from ipex_lite.nn.modules import split_table_batched
 
 ops = torch.ops.ipex_lite
 MODES = {"sum": 0, "mean": 1, "max": 2}
@@ -270,13 +270,6 @@ def test_table_batched_layout_matches_lists():
         assert torch.equal(x, y)
     with pytest.raises(ValueError, match="T\\*B\\+1"):
         split_table_batched(values, flat[:-1], len(ROWS))
-
-
-def test_split_and_join_are_exact():
-    w = torch.randn(100, 7)
-    top, trail = ops_split(w)
-    assert top.dtype == trail.dtype == torch.bfloat16
-    assert torch.equal(ops_join(top, trail), w)
 
 
 def _opcheck_inputs(dtype=torch.float32):

@@ -11,6 +11,8 @@ __all__ = ["EmbeddingSpec", "MergedEmbeddingBag", "MergedEmbeddingBagWithSGD", "
            "MergedEmbeddingBagWithCat"]
 
 ops = torch.ops.ipex_lite
+_split = ops.split_float_bfloat16  # fp32 -> (top, trail): fp32 bits = (top << 16) | trail
+_join = ops.cat_bfloat16_float
 _MODES = {"sum": 0, "mean": 1, "max": 2}
 
 
@@ -227,7 +229,7 @@ class _FusedUpdateBase(MergedEmbeddingBag):
         for i, s in enumerate(embedding_specs):
             trail = torch.zeros_like(self.weights[i])
             if self.split_bf16 and s.weight is not None and s.weight.dtype == torch.float32:
-                top, trail = ops_split(s.weight.detach().contiguous())
+                top, trail = _split(s.weight.detach().contiguous())
                 with torch.no_grad():
                     self.weights[i].copy_(top)
             self.register_buffer(f"trail_{i}", trail if self.split_bf16 else None, persistent=False)
@@ -240,7 +242,7 @@ class _FusedUpdateBase(MergedEmbeddingBag):
         """Table t as fp32 (top and trail joined in split mode)."""
         w = self.weights[t].detach()
         if self.split_bf16:
-            return ops_join(w, getattr(self, f"trail_{t}"))
+            return _join(w, getattr(self, f"trail_{t}"))
         return w.float() if w.dtype != torch.float32 else w
 
     def forward(self, indices: Lists, offsets: Lists, per_sample_weights: Optional[Lists] = None):
@@ -277,7 +279,7 @@ class _FusedUpdateBase(MergedEmbeddingBag):
             key = f"{prefix}weights.{t}"
             w = state_dict.get(key)
             if isinstance(w, torch.Tensor) and w.is_floating_point() and w.shape == module.weights[t].shape:
-                top, trail = ops_split(w.float())  # a bf16 entry splits into itself + a zero trail
+                top, trail = _split(w.float())  # a bf16 entry splits into itself + a zero trail
                 state_dict[key] = top
                 module._pending_trails[t] = trail
 
@@ -288,21 +290,6 @@ class _FusedUpdateBase(MergedEmbeddingBag):
             for t, trail in module._pending_trails.items():
                 getattr(module, f"trail_{t}").copy_(trail)
         module._pending_trails = {}
-
-
-def ops_split(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """fp32 -> (top, trail) bf16 halves: fp32 bits = (top << 16) | trail."""
-    bits = w.contiguous().view(torch.int32)
-    top = (bits >> 16).to(torch.int16).view(torch.bfloat16)
-    trail = (bits & 0xFFFF).to(torch.int16).view(torch.bfloat16)
-    return top.clone(), trail.clone()
-
-
-def ops_join(top: torch.Tensor, trail: torch.Tensor) -> torch.Tensor:
-    """(top, trail) bf16 halves -> fp32."""
-    hi = top.contiguous().view(torch.int16).to(torch.int32) << 16
-    lo = trail.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
-    return (hi | lo).view(torch.float32)
 
 
 class MergedEmbeddingBagWithSGD(_FusedUpdateBase):
@@ -416,7 +403,7 @@ class SGDEmbeddingBag(nn.Module):
         self.split_bf16 = split_bf16
         w = emb.weight.detach()
         if split_bf16:
-            top, trail = ops_split(w.float().contiguous())
+            top, trail = _split(w.float().contiguous())
             self.weight = nn.Parameter(top, requires_grad=True)
             self.register_buffer("trail", trail, persistent=False)
         else:
@@ -432,13 +419,13 @@ class SGDEmbeddingBag(nn.Module):
     @staticmethod
     def _join_hook(module, state_dict, prefix, local_metadata):
         if module.split_bf16:
-            state_dict[prefix + "weight"] = ops_join(module.weight.detach(), module.trail)
+            state_dict[prefix + "weight"] = _join(module.weight.detach(), module.trail)
 
     @staticmethod
     def _split_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         w = state_dict.get(prefix + "weight")
         if module.split_bf16 and torch.is_tensor(w) and w.is_floating_point() and w.shape == module.weight.shape:
-            top, trail = ops_split(w.float().contiguous())
+            top, trail = _split(w.float().contiguous())
             state_dict[prefix + "weight"] = top
             with torch.no_grad():
                 module.trail.copy_(trail)

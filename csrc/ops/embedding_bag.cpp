@@ -306,7 +306,7 @@ std::vector<at::Tensor> checked_grads(const char* op, const Lookup& l, at::Tenso
 
 // Runs one row update kind over every table, in parallel over
 // tables x chunks of distinct rows.
-void run_updates(const Lookup& l, const std::vector<at::Tensor>& grads, const std::vector<RowGroups>& groups,
+void run_updates(const Lookup& l, const std::vector<RowGroups>& groups,
                  const std::vector<k::EmbBagUpdateArgs>& args) {
   const auto fn = IPEX_LITE_KERNEL_TABLE(embedding_bag_kernels).update[wd_index(l.wdtype)];
   constexpr int64_t kSegChunk = 256;
@@ -374,7 +374,7 @@ std::vector<at::Tensor> backward_cpu(at::TensorList grads_in, at::TensorList wei
     return dense;
   }
   if (l.mode == k::kPoolMax) {
-    group_rows(op, l);  // range check only
+    check_index_range(op, l);
     const auto descs = table_descs(l, {}, 0);
     k::EmbBagFwdArgs args{descs.data(), l.dim, l.batch, l.mode, l.include_last};
     const auto fn = IPEX_LITE_KERNEL_TABLE(embedding_bag_kernels).max_backward[wd_index(l.wdtype)][l.idx64 ? 1 : 0];
@@ -391,7 +391,7 @@ std::vector<at::Tensor> backward_cpu(at::TensorList grads_in, at::TensorList wei
     args.push_back(update_args(l, grads[t], groups[t], k::kWriteDense));
     args.back().out = dense[t].data_ptr();
   }
-  run_updates(l, grads, groups, args);
+  run_updates(l, groups, args);
   return dense;
 }
 
@@ -411,7 +411,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_rows_cpu(
     args.push_back(update_args(l, grads[t], groups[t], k::kWriteSparse));
     args.back().out = values.back().data_ptr();
   }
-  if (l.dim > 0) run_updates(l, grads, groups, args);
+  if (l.dim > 0) run_updates(l, groups, args);
   return {rows, values};
 }
 
@@ -492,7 +492,7 @@ void update_cpu(const char* op, int kind, at::TensorList grads_in, at::TensorLis
     a.weight_decay = static_cast<float>(weight_decay);
     a.eps = static_cast<float>(eps);
   }
-  run_updates(l, grads, groups, args);
+  run_updates(l, groups, args);
 }
 
 void sgd_update_cpu(at::TensorList grads, at::TensorList weights, at::TensorList trails, at::TensorList indices,
@@ -535,17 +535,9 @@ TORCH_LIBRARY_FRAGMENT(ipex_lite, m) {
       "Tensor[] per_sample_weights, float lr, float eps) -> ()");
 }
 
-// Empty lists carry no dispatch key; non-CPU tensors get our device error.
+// CompositeExplicitAutograd serves CPU tensors, and also empty lists (which
+// carry no dispatch key) and non-CPU tensors, which get our device error.
 TORCH_LIBRARY_IMPL(ipex_lite, CompositeExplicitAutograd, m) {
-  m.impl("merged_embedding_bag_forward", &ipex_lite::forward_cpu);
-  m.impl("merged_embedding_bag_cat_forward", &ipex_lite::cat_forward_cpu);
-  m.impl("merged_embedding_bag_backward", &ipex_lite::backward_cpu);
-  m.impl("merged_embedding_bag_backward_rows", &ipex_lite::backward_rows_cpu);
-  m.impl("merged_embedding_bag_sgd_", &ipex_lite::sgd_update_cpu);
-  m.impl("merged_embedding_bag_adagrad_", &ipex_lite::adagrad_update_cpu);
-}
-
-TORCH_LIBRARY_IMPL(ipex_lite, CPU, m) {
   m.impl("merged_embedding_bag_forward", &ipex_lite::forward_cpu);
   m.impl("merged_embedding_bag_cat_forward", &ipex_lite::cat_forward_cpu);
   m.impl("merged_embedding_bag_backward", &ipex_lite::backward_cpu);

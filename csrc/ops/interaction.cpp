@@ -146,14 +146,9 @@ TORCH_LIBRARY_FRAGMENT(ipex_lite, m) {
   m.def("interaction_backward(Tensor grad_out, Tensor[] inputs) -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(ipex_lite, CPU, m) {
-  m.impl("interaction_forward", &ipex_lite::interaction_forward_cpu);
-  m.impl("interaction_backward", &ipex_lite::interaction_backward_cpu);
-}
-
-// An empty list carries no dispatch key: without this entry the dispatcher
-// reports a missing fallback instead of our argument error.  Tensors on other
-// devices land here too and get the "only CPU tensors" error.
+// CompositeExplicitAutograd serves CPU tensors, and also an empty list (no
+// dispatch key: the dispatcher would report a missing fallback instead of our
+// argument error) and tensors on other devices ("only CPU tensors" error).
 TORCH_LIBRARY_IMPL(ipex_lite, CompositeExplicitAutograd, m) {
   m.impl("interaction_forward", &ipex_lite::interaction_forward_cpu);
   m.impl("interaction_backward", &ipex_lite::interaction_backward_cpu);

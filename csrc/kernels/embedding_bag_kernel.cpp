@@ -217,9 +217,7 @@ inline void apply_row(const EmbBagUpdateArgs& a, int64_t seg, int64_t row, int64
         if constexpr (std::is_same<T, float>::value) {
           wv = w[k];
         } else {
-          // split-BF16: fp32 = (top << 16) | trail
-          const uint32_t bits = (static_cast<uint32_t>(w[k]) << 16) | (trail != nullptr ? trail[k] : 0u);
-          std::memcpy(&wv, &bits, sizeof(wv));
+          wv = join_halves(w[k], trail != nullptr ? trail[k] : uint16_t(0));
         }
         if (a.kind == kSgd) {
           wv -= a.lr * (g[k] + a.weight_decay * wv);
@@ -231,10 +229,7 @@ inline void apply_row(const EmbBagUpdateArgs& a, int64_t seg, int64_t row, int64
         if constexpr (std::is_same<T, float>::value) {
           w[k] = wv;
         } else if (trail != nullptr) {
-          uint32_t bits;
-          std::memcpy(&bits, &wv, sizeof(bits));
-          w[k] = static_cast<uint16_t>(bits >> 16);
-          trail[k] = static_cast<uint16_t>(bits & 0xffffu);
+          split_halves(wv, w + k, trail + k);
         } else {
           w[k] = f32_to_bf16(wv);
         }

@@ -26,17 +26,33 @@ namespace kernels {
 namespace IPEX_LITE_ISA_NS {
 namespace {
 
-inline float bf16_to_f32(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+inline float bits_to_f32(uint32_t b) {
   float f;
-  std::memcpy(&f, &bits, sizeof(f));
+  std::memcpy(&f, &b, sizeof(f));
   return f;
+}
+
+inline uint32_t f32_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof(b));
+  return b;
+}
+
+inline float bf16_to_f32(uint16_t v) { return bits_to_f32(static_cast<uint32_t>(v) << 16); }
+
+// Split-BF16: fp32 = (top << 16) | trail, exactly.
+inline float join_halves(uint16_t top, uint16_t trail) {
+  return bits_to_f32((static_cast<uint32_t>(top) << 16) | trail);
+}
+inline void split_halves(float w, uint16_t* top, uint16_t* trail) {
+  const uint32_t b = f32_to_bits(w);
+  *top = static_cast<uint16_t>(b >> 16);
+  *trail = static_cast<uint16_t>(b & 0xffffu);
 }
 
 // Round to nearest even, NaN stays a (quiet) NaN.
 inline uint16_t f32_to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
+  uint32_t bits = f32_to_bits(f);
   if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return static_cast<uint16_t>(bits >> 16);

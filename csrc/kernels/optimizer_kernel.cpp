@@ -12,24 +12,10 @@ namespace kernels {
 namespace IPEX_LITE_ISA_NS {
 namespace {
 
-inline float bits_to_f32(uint32_t b) {
-  float f;
-  std::memcpy(&f, &b, sizeof(f));
-  return f;
-}
-
-inline uint32_t f32_to_bits(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, sizeof(b));
-  return b;
-}
-
 template <int MODE>
 inline float load_param(const void* p, const void* p2, int64_t i) {
   if constexpr (MODE == kModeSplit) {
-    const uint32_t hi = static_cast<const uint16_t*>(p)[i];
-    const uint32_t lo = static_cast<const uint16_t*>(p2)[i];
-    return bits_to_f32((hi << 16) | lo);
+    return join_halves(static_cast<const uint16_t*>(p)[i], static_cast<const uint16_t*>(p2)[i]);
   } else {
     return static_cast<const float*>(p)[i];
   }
@@ -38,9 +24,7 @@ inline float load_param(const void* p, const void* p2, int64_t i) {
 template <int MODE>
 inline void store_param(void* p, void* p2, int64_t i, float w) {
   if constexpr (MODE == kModeSplit) {
-    const uint32_t b = f32_to_bits(w);
-    static_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(b >> 16);
-    static_cast<uint16_t*>(p2)[i] = static_cast<uint16_t>(b & 0xffffu);
+    split_halves(w, static_cast<uint16_t*>(p) + i, static_cast<uint16_t*>(p2) + i);
   } else {
     static_cast<float*>(p)[i] = w;
     if constexpr (MODE == kModeCopy) static_cast<uint16_t*>(p2)[i] = f32_to_bf16(w);
@@ -138,26 +122,18 @@ void adagrad_impl(const OptStepArgs& a, int64_t begin, int64_t end) {
 template <bool GB16>
 void packed_add_impl(uint16_t* __restrict top, uint16_t* __restrict trail, const void* __restrict g, float alpha,
                      int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) {
-    const float w = bits_to_f32((static_cast<uint32_t>(top[i]) << 16) | trail[i]) + alpha * load_grad<GB16>(g, i);
-    const uint32_t b = f32_to_bits(w);
-    top[i] = static_cast<uint16_t>(b >> 16);
-    trail[i] = static_cast<uint16_t>(b & 0xffffu);
-  }
+  for (int64_t i = begin; i < end; ++i)
+    split_halves(join_halves(top[i], trail[i]) + alpha * load_grad<GB16>(g, i), top + i, trail + i);
 }
 
 void split_impl(const float* __restrict src, uint16_t* __restrict top, uint16_t* __restrict trail, int64_t begin,
                 int64_t end) {
-  for (int64_t i = begin; i < end; ++i) {
-    const uint32_t b = f32_to_bits(src[i]);
-    top[i] = static_cast<uint16_t>(b >> 16);
-    trail[i] = static_cast<uint16_t>(b & 0xffffu);
-  }
+  for (int64_t i = begin; i < end; ++i) split_halves(src[i], top + i, trail + i);
 }
 
 void join_impl(const uint16_t* __restrict top, const uint16_t* __restrict trail, float* __restrict dst, int64_t begin,
                int64_t end) {
-  for (int64_t i = begin; i < end; ++i) dst[i] = bits_to_f32((static_cast<uint32_t>(top[i]) << 16) | trail[i]);
+  for (int64_t i = begin; i < end; ++i) dst[i] = join_halves(top[i], trail[i]);
 }
 
 }  // namespace

@@ -60,7 +60,6 @@ def main(argv=None):
             nbytes = args.tables * args.batch * pooling * args.dim * torch.finfo(dtype).bits // 8
             extra = {s: {"GB/s": nbytes / (r["median_ms"] * 1e-3) / 1e9} for s, r in res.items()}
             report.add(f"forward {dt_name} {pooling}/bag", res, extra)
-        del merged
         if args.train and dtype == torch.float32:
             sparse = [nn.EmbeddingBag(args.rows, args.dim, mode="sum", sparse=True) for _ in range(args.tables)]
             fused = MergedEmbeddingBagWithSGD.from_embeddingbag_list(sparse, lr=0.01)
@@ -82,7 +81,6 @@ def main(argv=None):
                               warmup=args.warmup)
                 report.add(f"train step SGD fp32 {pooling}/bag", res)
             del sparse, fused, opt
-        del stock
     report.emit(args.json, ["stock = per-table nn.EmbeddingBag loop; train: sparse=True + torch.optim.SGD",
                             "GB/s = embedding rows gathered / median time"])
 

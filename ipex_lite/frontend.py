@@ -16,7 +16,7 @@ rather than returning an unchanged model that claims to be optimized.
 """
 import copy
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 from torch import nn

@@ -2,17 +2,13 @@
 dense and sparse gradients), fused SGD / Adagrad against torch.optim on sparse
 gradients, split-BF16, the with-cat variant, opcheck, every ISA level, bad
 inputs."""
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from torch import nn
 
-import ipex_lite
+from isa_levels import LEVELS, run_at_level
 from ipex_lite.nn import (EmbeddingSpec, MergedEmbeddingBag, MergedEmbeddingBagWithAdaGrad,
                           MergedEmbeddingBagWithCat, MergedEmbeddingBagWithSGD)
 from ipex_lite.nn.modules import split_table_batched
@@ -435,17 +431,9 @@ _LEVEL_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("level", ["default", "avx2", "avx512", "avx512_bf16"])
+@pytest.mark.parametrize("level", LEVELS)
 def test_every_isa_level(level):
-    info = ipex_lite.isa_info()
-    order = ["default", "avx2", "avx512", "avx512_bf16"]
-    if order.index(level) > min(order.index(info["cpu_level"]), order.index(info["built_level"])):
-        pytest.skip(f"{level} not supported here")
-    proc = subprocess.run([sys.executable, "-c", _LEVEL_SCRIPT], env=dict(os.environ, IPEX_LITE_ISA=level),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert res["level"] == level
+    res = run_at_level(level, _LEVEL_SCRIPT)
     for key, err in res["errors"].items():
         assert err < (2e-2 if "bfloat16" in key else 1e-5), (key, err)
 

@@ -1,18 +1,13 @@
 """ipex_lite interaction: parity with the DLRM bmm + tril reference, autograd,
 opcheck, autocast, torch.compile, every ISA level, and bad inputs."""
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
-import ipex_lite
 from ipex_lite.nn.functional import interaction
+from isa_levels import LEVELS, run_at_level
 
-LEVELS = ["default", "avx2", "avx512", "avx512_bf16"]
 ops = torch.ops.ipex_lite
 
 
@@ -231,22 +226,9 @@ _LEVEL_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _available_levels():
-    info = ipex_lite.isa_info()
-    top = min(LEVELS.index(info["cpu_level"]), LEVELS.index(info["built_level"]))
-    return LEVELS[:top + 1]
-
-
 @pytest.mark.parametrize("level", LEVELS)
 def test_every_isa_level_matches_reference(level):
-    if level not in _available_levels():
-        pytest.skip(f"{level} not supported by this CPU/build")
-    env = dict(os.environ, IPEX_LITE_ISA=level)
-    proc = subprocess.run([sys.executable, "-c", _LEVEL_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert res["level"] == level
+    res = run_at_level(level, _LEVEL_SCRIPT)
     for key, (ferr, berr) in res["errors"].items():
         limit = 1e-2 if "bfloat16" in key else 1e-5
         assert ferr < limit and berr < limit, (key, ferr, berr)

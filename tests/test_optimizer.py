@@ -3,16 +3,12 @@ mode on the joined fp32 weight, bf16-copy mode), the split/join/packed_add
 ops, optimizer plumbing (schedulers, param groups, state dicts), opcheck,
 every ISA level, bad inputs."""
 import copy
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
-import ipex_lite
+from isa_levels import LEVELS, run_at_level
 from ipex_lite import optim as lo
 
 ops = torch.ops.ipex_lite
@@ -257,17 +253,9 @@ _LEVEL_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("level", ["default", "avx2", "avx512", "avx512_bf16"])
+@pytest.mark.parametrize("level", LEVELS)
 def test_every_isa_level(level):
-    info = ipex_lite.isa_info()
-    order = ["default", "avx2", "avx512", "avx512_bf16"]
-    if order.index(level) > min(order.index(info["cpu_level"]), order.index(info["built_level"])):
-        pytest.skip(f"{level} not supported here")
-    proc = subprocess.run([sys.executable, "-c", _LEVEL_SCRIPT], env=dict(os.environ, IPEX_LITE_ISA=level),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert res["level"] == level
+    res = run_at_level(level, _LEVEL_SCRIPT)
     for key, err in res["errors"].items():
         assert err < 1e-5, (key, err)
 

@@ -9,8 +9,6 @@ Each class subclasses torch.optim.Optimizer, keeps torch's state names
   16 bits live in ``state["trail"]`` (see :func:`split_master_weights_`);
   the update runs in fp32 on (top << 16) | trail and writes both halves.
 """
-from typing import Iterable, List, Optional
-
 import torch
 
 __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "split_master_weights_", "master_weight", "update_in_backward_"]

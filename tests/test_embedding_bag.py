@@ -523,3 +523,11 @@ def test_concurrent_lookups_match_sequential():
     for k, g in enumerate(got):
         for a, b in zip(g, want[k % len(batches)]):
             assert torch.equal(a, b)
+
+
+def test_advise_hugepages():
+    assert ops.advise_hugepages(torch.empty(16)) is False  # smaller than one aligned 2 MiB page
+    big = torch.empty(8 << 20, dtype=torch.uint8)
+    assert isinstance(ops.advise_hugepages(big), bool)
+    with torch.device("meta"):
+        assert ops.advise_hugepages(torch.empty(8 << 20)) is False  # fake kernel

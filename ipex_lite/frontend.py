@@ -16,7 +16,7 @@ rather than returning an unchanged model that claims to be optimized.
 """
 import copy
 import warnings
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -110,13 +110,13 @@ def _sparse_params(model: nn.Module):
             for p in m.parameters(recurse=False)}
 
 
-def _split_params(model: nn.Module, optimizer) -> Dict[str, str]:
+def _split_params(model: nn.Module, optimizer) -> List[str]:
     """Splits the fp32 weights of supported modules (each shared parameter
-    once); returns {state_dict key: parameter path} for every key they appear
-    under, tied weights included."""
+    once); returns every state_dict key they appear under, tied weights
+    included."""
     optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
     done = set()
-    keys: Dict[str, str] = {}
+    keys: List[str] = []
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         if not isinstance(mod, _SPLIT_MODULES):
             continue
@@ -131,7 +131,7 @@ def _split_params(model: nn.Module, optimizer) -> Dict[str, str]:
                 p.data = top
                 optimizer.state[p]["trail"] = trail
                 done.add(id(p))
-            keys[key] = key
+            keys.append(key)
     return keys
 
 

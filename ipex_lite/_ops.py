@@ -198,5 +198,5 @@ def _cat_fake(top, trail):
     return torch.empty_like(top, dtype=torch.float32, memory_format=torch.contiguous_format)
 
 
-for _name in ("packed_add", "sgd_step_", "adam_step_", "adagrad_step_"):
+for _name in ("packed_add", "sgd_step_", "adam_step_", "adagrad_step_", "lamb_step_"):
     torch.library.register_fake(f"ipex_lite::{_name}")(lambda *args, **kwargs: None)

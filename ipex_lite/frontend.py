@@ -32,6 +32,7 @@ _FUSED = {
     torch.optim.Adam: lite_optim.Adam,
     torch.optim.AdamW: lite_optim.AdamW,
     torch.optim.Adagrad: lite_optim.Adagrad,
+    lite_optim.Lamb: lite_optim.Lamb,
 }
 _SPLIT_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.EmbeddingBag)
 _LEVELS = ("O0", "O1")

@@ -31,14 +31,15 @@ def train(model, opt, steps, seed=1):
 
 @pytest.mark.parametrize("opt_cls,kw", [(torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
                                          (torch.optim.AdamW, dict(lr=1e-2)),
-                                         (torch.optim.Adagrad, dict(lr=0.05))])
+                                         (torch.optim.Adagrad, dict(lr=0.05)),
+                                         (lo.Lamb, dict(lr=1e-2, weight_decay=0.01))])
 def test_split_training_tracks_fp32(opt_cls, kw):
     model = make_model()
     opt = opt_cls(model.parameters(), **kw)
     ref = copy.deepcopy(model)
     ref_opt = opt_cls(ref.parameters(), **kw)
     m, o = ipex_lite.optimize(model, dtype=torch.bfloat16, optimizer=opt)
-    assert type(o).__module__ == "ipex_lite.optim" and isinstance(o, opt_cls)
+    assert type(o).__module__ == "ipex_lite.optim" and isinstance(o, opt_cls) and o is not opt
     assert m[0].weight.dtype == torch.bfloat16 and m[2].weight.dtype == torch.float32  # LayerNorm stays fp32
     assert model[0].weight.dtype == torch.float32  # inplace=False: the user's model is untouched
     assert o.param_groups[0]["lr"] == kw["lr"]

@@ -119,6 +119,61 @@ void adagrad_impl(const OptStepArgs& a, int64_t begin, int64_t end) {
   }
 }
 
+// Lamb (IPEX's Lamb arithmetic): u = (m / bc1) / (sqrt(v / bc2) + eps) + wd * w.
+inline float lamb_direction(const OptStepArgs& a, float m, float v, float w) {
+  return (m / a.bias_correction1) / (__builtin_sqrtf(v / a.bias_correction2) + a.eps) + a.weight_decay * w;
+}
+
+// Sums of squares go through 16 fixed lanes so that the loop vectorises
+// without reassociation flags and the result does not depend on the ISA.
+constexpr int kLanes = 16;
+
+template <int MODE, bool GB16>
+void lamb_moments_impl(const OptStepArgs& a, int64_t begin, int64_t end, double* sq) {
+  const void* __restrict p = a.param;
+  const void* __restrict p2 = a.param2;
+  const void* __restrict g = a.grad;
+  float* __restrict m = a.state1;
+  float* __restrict v = a.state2;
+  const float b1 = a.beta1, b2 = a.beta2;
+  float wsq[kLanes] = {}, usq[kLanes] = {};
+  auto one = [&](int64_t i, int lane) {
+    const float d = load_grad<GB16>(g, i);
+    const float mi = b1 * m[i] + (1.0f - b1) * d;
+    const float vi = b2 * v[i] + (1.0f - b2) * d * d;
+    m[i] = mi;
+    v[i] = vi;
+    const float w = load_param<MODE>(p, p2, i);
+    const float u = lamb_direction(a, mi, vi, w);
+    wsq[lane] += w * w;
+    usq[lane] += u * u;
+  };
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) one(i + j, j);
+  for (int j = 0; i < end; ++i, ++j) one(i, j);
+  double ws = 0, us = 0;
+  for (int j = 0; j < kLanes; ++j) {
+    ws += wsq[j];
+    us += usq[j];
+  }
+  sq[0] = ws;
+  sq[1] = us;
+}
+
+template <int MODE>
+void lamb_update_impl(const OptStepArgs& a, int64_t begin, int64_t end) {
+  void* __restrict p = a.param;
+  void* __restrict p2 = a.param2;
+  const float* __restrict m = a.state1;
+  const float* __restrict v = a.state2;
+  const float step = a.step_size;
+  for (int64_t i = begin; i < end; ++i) {
+    const float w = load_param<MODE>(p, p2, i);
+    store_param<MODE>(p, p2, i, w - step * lamb_direction(a, m[i], v[i], w));
+  }
+}
+
 template <bool GB16>
 void packed_add_impl(uint16_t* __restrict top, uint16_t* __restrict trail, const void* __restrict g, float alpha,
                      int64_t begin, int64_t end) {
@@ -149,6 +204,10 @@ const OptimizerKernels& optimizer_kernels() {
       {{&adagrad_impl<kModeFp32, false>, &adagrad_impl<kModeFp32, true>},
        {&adagrad_impl<kModeCopy, false>, &adagrad_impl<kModeCopy, true>},
        {&adagrad_impl<kModeSplit, false>, &adagrad_impl<kModeSplit, true>}},
+      {{&lamb_moments_impl<kModeFp32, false>, &lamb_moments_impl<kModeFp32, true>},
+       {&lamb_moments_impl<kModeCopy, false>, &lamb_moments_impl<kModeCopy, true>},
+       {&lamb_moments_impl<kModeSplit, false>, &lamb_moments_impl<kModeSplit, true>}},
+      {&lamb_update_impl<kModeFp32>, &lamb_update_impl<kModeCopy>, &lamb_update_impl<kModeSplit>},
       {&packed_add_impl<false>, &packed_add_impl<true>},
       &split_impl,
       &join_impl,

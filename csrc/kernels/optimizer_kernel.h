@@ -29,6 +29,7 @@ struct OptStepArgs {
   float beta1, beta2, eps;    // Adam / Adagrad (eps)
   float bias_correction1, bias_correction2_sqrt, step_size;
   bool amsgrad, decoupled_weight_decay;  // AdamW
+  float bias_correction2;                // Lamb
 };
 
 // Elements [begin, end) of one parameter.
@@ -38,6 +39,11 @@ struct OptimizerKernels {
   OptStepFn sgd[3][2];  // [ParamMode][grad is bf16]
   OptStepFn adam[3][2];
   OptStepFn adagrad[3][2];
+  // Lamb, two passes over [begin, end): moments updates exp_avg / exp_avg_sq
+  // and writes sq[0] = sum(w^2), sq[1] = sum(u^2) of the Adam direction u;
+  // update recomputes u from the new moments and applies w -= step_size * u.
+  void (*lamb_moments[3][2])(const OptStepArgs&, int64_t begin, int64_t end, double* sq);
+  OptStepFn lamb_update[3];
   // top/trail += alpha * grad (grad fp32 or bf16) on elements [begin, end)
   void (*packed_add[2])(uint16_t* top, uint16_t* trail, const void* grad, float alpha, int64_t begin, int64_t end);
   void (*split)(const float* src, uint16_t* top, uint16_t* trail, int64_t begin, int64_t end);

@@ -180,6 +180,51 @@ void adagrad_step(const at::Tensor& param, const at::Tensor& grad, const at::Ten
   run(IPEX_LITE_KERNEL_TABLE(optimizer_kernels).adagrad[s.mode][s.grad_bf16], a, param.numel());
 }
 
+// IPEX's Lamb: the Adam direction u scaled by the trust ratio ||w|| / ||u||
+// (1 when either norm is 0).  Two passes: moments and both norms, then the
+// update, which recomputes u rather than storing it.  The norms are summed
+// over fixed blocks in block order, so the result does not depend on the
+// thread count.
+void lamb_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+               const at::Tensor& exp_avg_sq, const at::Tensor& param2, double step, double lr, double beta1,
+               double beta2, double eps, double weight_decay) {
+  const char* op = "lamb_step_";
+  Step s = check_step(op, param, grad, param2);
+  TORCH_CHECK(step >= 1, op, ": step counts from 1, got ", step);
+  check_state(exp_avg, op, "exp_avg", param.numel());
+  check_state(exp_avg_sq, op, "exp_avg_sq", param.numel());
+  check_distinct(op, {{"param", &param}, {"param2", &param2}, {"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}},
+                 s.grad);
+  k::OptStepArgs a{};
+  a.param = param.data_ptr();
+  a.param2 = param2.numel() ? param2.data_ptr() : nullptr;
+  a.grad = s.grad.data_ptr();
+  a.state1 = exp_avg.data_ptr<float>();
+  a.state2 = exp_avg_sq.data_ptr<float>();
+  a.weight_decay = static_cast<float>(weight_decay);
+  a.beta1 = static_cast<float>(beta1);
+  a.beta2 = static_cast<float>(beta2);
+  a.eps = static_cast<float>(eps);
+  a.bias_correction1 = static_cast<float>(1.0 - std::pow(beta1, step));
+  a.bias_correction2 = static_cast<float>(1.0 - std::pow(beta2, step));
+  const int64_t n = param.numel();
+  const int64_t blocks = (n + kGrain - 1) / kGrain;
+  std::vector<double> sq(2 * blocks, 0.0);
+  const auto& kt = IPEX_LITE_KERNEL_TABLE(optimizer_kernels);
+  const auto moments = kt.lamb_moments[s.mode][s.grad_bf16];
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) moments(a, b * kGrain, std::min(n, (b + 1) * kGrain), &sq[2 * b]);
+  });
+  double wsq = 0, usq = 0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    wsq += sq[2 * b];
+    usq += sq[2 * b + 1];
+  }
+  const double ratio = (wsq > 0 && usq > 0) ? std::sqrt(wsq) / std::sqrt(usq) : 1.0;
+  a.step_size = static_cast<float>(lr * ratio);
+  run(kt.lamb_update[s.mode], a, n);
+}
+
 std::tuple<at::Tensor, at::Tensor> split_float_bfloat16(const at::Tensor& t) {
   const char* op = "split_float_bfloat16";
   check_cpu_dense(t, op, "tensor");
@@ -279,6 +324,9 @@ TORCH_LIBRARY_FRAGMENT(ipex_lite, m) {
   m.def(
       "adagrad_step_(Tensor(a!) param, Tensor grad, Tensor(b!) state_sum, Tensor(c!) param2, float clr, float eps, "
       "float weight_decay) -> ()");
+  m.def(
+      "lamb_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) param2, "
+      "float step, float lr, float beta1, float beta2, float eps, float weight_decay) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ipex_lite, CPU, m) {
@@ -287,6 +335,7 @@ TORCH_LIBRARY_IMPL(ipex_lite, CPU, m) {
   m.impl("sgd_step_", &ipex_lite::sgd_step);
   m.impl("adam_step_", &ipex_lite::adam_step);
   m.impl("adagrad_step_", &ipex_lite::adagrad_step);
+  m.impl("lamb_step_", &ipex_lite::lamb_step);
 }
 
 // packed_add takes dense or sparse gradients: one kernel for both layouts.

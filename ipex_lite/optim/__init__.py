@@ -11,7 +11,7 @@ Each class subclasses torch.optim.Optimizer, keeps torch's state names
 """
 import torch
 
-__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "split_master_weights_", "master_weight", "update_in_backward_"]
+__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "Lamb", "split_master_weights_", "master_weight", "update_in_backward_"]
 
 ops = torch.ops.ipex_lite
 _EMPTY = torch.empty(0, dtype=torch.bfloat16)
@@ -196,6 +196,36 @@ class Adagrad(_KeepStateDtypes, torch.optim.Adagrad):
         clr = group["lr"] / (1 + (float(state["step"]) - 1) * group["lr_decay"])
         ops.adagrad_step_(p, grad, state["sum"], _param2(self, p), float(clr), float(group["eps"]),
                           float(group["weight_decay"]))
+
+
+class Lamb(_KeepStateDtypes, torch.optim.Optimizer):
+    """IPEX's Lamb (layer-wise adaptive moments): the Adam direction
+    ``u = (m / bc1) / (sqrt(v / bc2) + eps) + weight_decay * w`` scaled per
+    parameter by the trust ratio ``||w|| / ||u||`` (1 when either is 0).
+    torch has no Lamb, so this subclasses torch.optim.Optimizer directly."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        if not lr >= 0.0:
+            raise ValueError(f"Lamb: invalid learning rate {lr}")
+        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Lamb: betas must lie in [0, 1), got {betas}")
+        if not eps >= 0.0 or not weight_decay >= 0.0:
+            raise ValueError(f"Lamb: eps and weight_decay must be >= 0, got {eps} and {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self._keep_state_dtypes()
+
+    def _update(self, group, p):
+        beta1, beta2 = group["betas"]
+        grad = _dense_grad(self, p)
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32)
+        state["step"] += 1
+        ops.lamb_step_(p, grad, state["exp_avg"], state["exp_avg_sq"], _param2(self, p), float(state["step"]),
+                       float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+                       float(group["weight_decay"]))
 
 
 class _UpdateInBackward:

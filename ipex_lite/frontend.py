@@ -10,9 +10,14 @@ under ``torch.autocast("cpu", dtype=torch.bfloat16)``.  ``model.state_dict()``
 returns the exact fp32 weights under the original keys and
 ``model.load_state_dict()`` accepts them.
 
-Inference-mode rewrites (folding, prepacking, channels_last) are not in this
-build: ``optimize(model)`` without an optimizer raises NotImplementedError
-rather than returning an unchanged model that claims to be optimized.
+Inference mode (``optimize(model.eval(), dtype=...)``, no optimizer): see
+``ipex_lite._inference``.  Level O1 folds BatchNorm into the Conv/Linear
+before it, replaces Dropout with Identity, fuses activations and residual
+adds into the layer, and prepacks Conv/ConvTranspose/Linear weights for
+oneDNN (channels_last activations); ``dtype=torch.bfloat16`` computes those
+layers in bf16.  O0 changes nothing.  An explicit knob overrides the level.
+``verbose=True`` prints what was done to each module; ``ipex_lite.explain``
+returns the same report later.
 """
 import copy
 import warnings
@@ -22,6 +27,8 @@ import torch
 from torch import nn
 
 from . import optim as lite_optim
+from ._inference import Knobs, optimize_for_inference
+from ._inference import explain as _explain
 
 __all__ = ["optimize"]
 
@@ -183,11 +190,27 @@ class _Hook:
         return getattr(self.owner, self.name)(*args)
 
 
+def _optimize_inference(model, dtype, level, inplace, sample_input, verbose, explicit):
+    o1 = level == "O1"
+    defaults = dict(conv_bn_folding=o1, linear_bn_folding=o1, weights_prepack=o1, replace_dropout_with_identity=o1,
+                    graph_mode=o1, concat_linear=False)
+    knobs = Knobs(dtype=dtype or torch.float32, fuse_post_ops=o1,
+                  **{k: bool(v) if v is not None else defaults[k] for k, v in explicit.items()})
+    if not inplace:
+        model = copy.deepcopy(model)
+    if level == "O0" and not any(v for v in explicit.values()) and knobs.dtype == torch.float32:
+        return model
+    model = optimize_for_inference(model, knobs, sample_input)
+    if verbose:
+        print(_explain(model))
+    return model
+
+
 def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, optimizer=None, level: str = "O1",
              inplace: bool = False, conv_bn_folding=None, linear_bn_folding=None, weights_prepack=None,
              replace_dropout_with_identity=None, optimize_lstm=None, split_master_weight_for_bf16=None,
              fuse_update_step=None, auto_kernel_selection=None, sample_input=None, graph_mode=None,
-             concat_linear=None):
+             concat_linear=None, verbose=False):
     """IPEX-compatible entry point; see the module docstring for what this build does."""
     if level not in _LEVELS:
         raise ValueError(f"optimize: level must be one of {_LEVELS}, got {level!r}")
@@ -196,11 +219,12 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, optimizer=No
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize: model must be an nn.Module, got {type(model).__name__}")
     if optimizer is None:
-        if level == "O0":
-            return model if inplace else copy.deepcopy(model)
-        raise NotImplementedError("optimize(): inference-mode rewrites (BN folding, weight prepacking, "
-                                  "channels_last) are not in this build yet; pass level='O0' for no change, or "
-                                  "an optimizer for split-BF16 training")
+        if model.training:  # IPEX's check and message
+            raise AssertionError("The optimizer should be given for training mode")
+        return _optimize_inference(model, dtype, level, inplace, sample_input, verbose, dict(
+            conv_bn_folding=conv_bn_folding, linear_bn_folding=linear_bn_folding, weights_prepack=weights_prepack,
+            replace_dropout_with_identity=replace_dropout_with_identity, graph_mode=graph_mode,
+            concat_linear=concat_linear))
     if not model.training:
         raise ValueError("optimize: an optimizer was given, so the model must be in training mode (model.train())")
 

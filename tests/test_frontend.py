@@ -92,9 +92,10 @@ def test_unsupported_optimizer_warns_and_keeps_fp32():
 
 def test_argument_checks():
     model = make_model()
-    with pytest.raises(NotImplementedError, match="inference"):
-        ipex_lite.optimize(model.eval(), dtype=torch.bfloat16)
-    assert ipex_lite.optimize(model, level="O0") is not model
+    with pytest.raises(AssertionError, match="optimizer should be given"):
+        ipex_lite.optimize(model, level="O0")
+    assert ipex_lite.optimize(model.eval(), level="O0") is not model
+    model.train()
     with pytest.raises(ValueError, match="level"):
         ipex_lite.optimize(model, level="O3")
     with pytest.raises(ValueError, match="dtype"):

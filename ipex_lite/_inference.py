@@ -1,0 +1,437 @@
+"""The inference half of ``ipex_lite.optimize``: Dropout removal, BatchNorm
+folding, post-op fusion and oneDNN weight prepacking.
+
+Where a module traces with ``torch.fx`` the rewrite works on its graph, so it
+sees ``bn(conv(x))``, ``relu(...)`` and ``out += identity`` wherever they are
+written; where it does not trace, its children are tried one by one and
+``nn.Sequential`` runs of Conv/Linear, BatchNorm and activation are fused in
+place.  A module whose rewrite fails is left as it was and the report says
+why: the call as a whole never fails on a model it cannot improve.
+
+State dict keys survive every rewrite: packed modules own the source layer's
+Parameters under the same names, and folded BatchNorms stay registered where
+they were (a graph no longer calls them; a Sequential holds them as
+``FoldedBatchNorm``, an identity that keeps the buffers).
+"""
+import operator
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .nn.prepacked import UNARY, PackedConv, PackedConvTranspose, PackedLinear, _hardtanh, _leaky, _Packed
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.modules.normalization.RMSNorm)
+
+
+@dataclass
+class Knobs:
+    dtype: torch.dtype = torch.float32
+    conv_bn_folding: bool = True
+    linear_bn_folding: bool = True
+    weights_prepack: bool = True
+    replace_dropout_with_identity: bool = True
+    graph_mode: bool = True
+    concat_linear: bool = False
+    fuse_post_ops: bool = True
+
+
+@dataclass
+class Report:
+    """What optimize() did to each module, and what it left alone and why."""
+
+    entries: List[tuple] = field(default_factory=list)
+
+    def add(self, path: str, action: str, detail: str = "") -> None:
+        self.entries.append((path or "<root>", action, detail))
+
+    def __str__(self) -> str:
+        if not self.entries:
+            return "ipex_lite.optimize: nothing to do"
+        width = max(len(p) for p, _, _ in self.entries)
+        lines = ["ipex_lite.optimize report:"]
+        for path, action, detail in self.entries:
+            lines.append(f"  {path.ljust(width)}  {action}" + (f": {detail}" if detail else ""))
+        return "\n".join(lines)
+
+
+class FoldedBatchNorm(nn.Module):
+    """A BatchNorm folded into the layer before it: identity in forward, same
+    Parameters and buffers (so the same state_dict keys and values)."""
+
+    def __init__(self, bn: nn.Module):
+        super().__init__()
+        for name, p in bn.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in bn.named_buffers(recurse=False):
+            self.register_buffer(name, b)
+        self.eps = bn.eps
+        self.num_features = bn.num_features
+
+    def forward(self, x):
+        return x
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _bn_foldable(layer: nn.Module, bn: nn.Module) -> bool:
+    if not isinstance(bn, _BNS) and type(bn).__name__ != "FrozenBatchNorm2d":
+        return False
+    if getattr(bn, "training", False) or getattr(bn, "running_mean", None) is None:
+        return False
+    if isinstance(bn, _BNS) and not bn.track_running_stats:
+        return False
+    out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    if bn.running_mean.numel() != out:
+        return False
+    if isinstance(layer, nn.Linear):
+        return isinstance(bn, nn.BatchNorm1d)
+    if isinstance(layer, nn.ConvTranspose2d):
+        return layer.groups == 1 and not isinstance(bn, nn.BatchNorm1d)
+    return (layer.weight.dim() - 2, type(bn)) in ((1, nn.BatchNorm1d), (2, nn.BatchNorm2d), (3, nn.BatchNorm3d)) \
+        or (layer.weight.dim() == 4 and type(bn).__name__ == "FrozenBatchNorm2d")
+
+
+def _activation_of_module(mod: nn.Module):
+    simple = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Hardswish: "hardswish",
+              nn.Hardsigmoid: "hardsigmoid", nn.ReLU6: "relu6"}
+    for cls, name in simple.items():
+        if type(mod) is cls:
+            return name, UNARY[name]
+    if type(mod) is nn.GELU:
+        name = "gelu" if mod.approximate == "none" else "gelu_tanh"
+        return name, UNARY[name]
+    if type(mod) is nn.LeakyReLU:
+        return "leaky_relu", _leaky(float(mod.negative_slope))
+    if type(mod) is nn.Hardtanh:
+        return "hardtanh", _hardtanh(float(mod.min_val), float(mod.max_val))
+    return None
+
+
+_FN_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.silu: "silu",
+                   torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh",
+                   F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.relu6: "relu6"}
+_METHOD_ACTIVATIONS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh",
+                       "tanh_": "tanh"}
+
+
+def _activation_of_node(node: fx.Node, modules: Dict[str, nn.Module]):
+    """(name, spec) when ``node`` applies a fusable activation to its first argument only."""
+    if node.op == "call_module":
+        return _activation_of_module(modules[node.target]) if len(node.args) == 1 and not node.kwargs else None
+    extra = set(node.kwargs) - {"inplace", "approximate", "negative_slope"}
+    if extra or not node.args:
+        return None
+    if node.op == "call_function":
+        if node.target is F.gelu and len(node.args) == 1:
+            name = "gelu" if node.kwargs.get("approximate", "none") == "none" else "gelu_tanh"
+            return name, UNARY[name]
+        if node.target is F.leaky_relu:
+            slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+            return ("leaky_relu", _leaky(float(slope))) if isinstance(slope, (int, float)) else None
+        name = _FN_ACTIVATIONS.get(node.target)
+        ok_args = len(node.args) == 1 or (len(node.args) == 2 and isinstance(node.args[1], bool))
+        return (name, UNARY[name]) if name and ok_args else None
+    if node.op == "call_method" and len(node.args) == 1 and not node.kwargs:
+        name = _METHOD_ACTIVATIONS.get(node.target)
+        return (name, UNARY[name]) if name else None
+    return None
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op != "call_function" or len(node.args) != 2 or node.kwargs:
+        return False
+    return node.target in (operator.add, operator.iadd, torch.add) and all(isinstance(a, fx.Node) for a in node.args)
+
+
+def _only_user(node: fx.Node) -> Optional[fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _make_packed(layer, bn, unary, spec, binary, knobs: Knobs):
+    common = dict(bn=bn, unary=unary, unary_spec=spec, dtype=knobs.dtype, prepack=knobs.weights_prepack)
+    if isinstance(layer, _CONVS):
+        return PackedConv(layer, binary=binary, **common)
+    if isinstance(layer, nn.ConvTranspose2d):
+        return PackedConvTranspose(layer, **common)
+    return PackedLinear(layer, binary=binary, **common)
+
+
+def _packable(mod: nn.Module) -> bool:
+    if type(mod) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
+        return mod.weight.is_floating_point()
+    return type(mod) is nn.ConvTranspose2d and mod.padding_mode == "zeros"
+
+
+def _describe(layer, bn, unary, binary) -> str:
+    parts = [type(layer).__name__]
+    if bn is not None:
+        parts.append(f"{type(bn).__name__} folded")
+    if binary:
+        parts.append("residual add fused")
+    if unary:
+        parts.append(f"{unary} fused")
+    return " + ".join(parts)
+
+
+# ---------------------------------------------------------------- graph rewrite
+def _rewrite_graph(gm: fx.GraphModule, prefix: str, knobs: Knobs, report: Report) -> None:
+    modules = dict(gm.named_modules())
+    graph = gm.graph
+    for n in list(graph.nodes):  # Identity (e.g. a replaced Dropout) must not hide a pattern
+        if n.op == "call_module" and type(modules.get(n.target)) is nn.Identity and len(n.args) == 1 \
+                and not n.kwargs and isinstance(n.args[0], fx.Node):
+            n.replace_all_uses_with(n.args[0])
+            graph.erase_node(n)
+    calls: Dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+
+    if knobs.concat_linear:
+        _concat_linears(gm, modules, calls, prefix, knobs, report)
+
+    for node in list(graph.nodes):
+        if node.op != "call_module" or node.target not in modules:
+            continue
+        layer = modules[node.target]
+        if not _packable(layer) or len(node.args) != 1 or node.kwargs:
+            continue
+        path = _join(prefix, node.target)
+        if calls[node.target] > 1:  # one module, several call sites: pack it, fuse nothing
+            if not isinstance(modules[node.target], _Packed):
+                packed = _make_packed(layer, None, None, None, False, knobs)
+                _set(gm, node.target, packed)
+                modules[node.target] = packed
+                report.add(path, "prepacked", f"{type(layer).__name__}; called {calls[node.target]} times, not fused")
+            continue
+        bn = unary = spec = other = None
+        absorbed = [node]  # the layer and the nodes fused into it, each the only user of the one before
+        user = _only_user(node)
+        fold = knobs.linear_bn_folding if isinstance(layer, nn.Linear) else knobs.conv_bn_folding
+        if fold and user is not None and user.op == "call_module" and len(user.args) == 1 and \
+                calls.get(user.target) == 1 and _bn_foldable(layer, modules[user.target]):
+            bn = modules[user.target]
+            absorbed.append(user)
+            user = _only_user(user)
+        if knobs.fuse_post_ops and user is not None and not isinstance(layer, nn.ConvTranspose2d) and _is_add(user):
+            a, b = user.args
+            if a is not b:
+                other = b if a is absorbed[-1] else a
+                absorbed.append(user)
+                user = _only_user(user)
+        if knobs.fuse_post_ops and user is not None and not (other is not None and isinstance(layer, nn.Linear)):
+            act = _activation_of_node(user, modules)
+            if act is not None:
+                unary, spec = act
+                absorbed.append(user)
+        packed = _make_packed(layer, bn, unary, spec, other is not None, knobs)
+        _set(gm, node.target, packed)
+        modules[node.target] = packed
+        if len(absorbed) > 1:
+            tail = absorbed[-1]
+            with graph.inserting_before(tail):  # after `other` is computed
+                fused = graph.call_module(node.target, (node.args[0],) if other is None else (node.args[0], other))
+            tail.replace_all_uses_with(fused)
+            for n in reversed(absorbed):
+                graph.erase_node(n)
+        report.add(path, "prepacked" if knobs.weights_prepack else "folded", _describe(layer, bn, unary,
+                                                                                       other is not None))
+        if bn is not None:
+            report.add(_join(prefix, _target_of(modules, bn)), "folded", f"into {path}")
+    _mark_inplace_adds(gm)
+    graph.lint()
+    gm.recompile()
+
+
+def _mark_inplace_adds(gm: fx.GraphModule) -> None:
+    """A fused conv + add may write the sum into ``other`` when that is the
+    fresh output of another packed layer and nothing reads it afterwards:
+    no new activation buffer (and no page faults on it) per residual block."""
+    modules = dict(gm.named_modules())
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in gm.graph.nodes:
+        mod = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(mod, PackedConv) or not mod.binary or len(node.args) != 2:
+            continue
+        other = node.args[1]
+        src = modules.get(other.target) if other.op == "call_module" else None
+        fresh = isinstance(src, (PackedConv, PackedConvTranspose))
+        if fresh and all(order[u] < order[node] for u in other.users if u is not node):
+            mod.inplace_add = True
+
+
+def _target_of(modules: Dict[str, nn.Module], mod: nn.Module) -> str:
+    return next(name for name, m in modules.items() if m is mod)
+
+
+def _set(root: nn.Module, target: str, mod: nn.Module) -> None:
+    parent_name, _, name = target.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, name, mod)
+
+
+def _concat_linears(gm, modules, calls, prefix, knobs, report):
+    """Parallel Linears reading the same tensor (Q, K, V) become one GEMM."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        group = [u for u in node.users if u.op == "call_module" and len(u.args) == 1 and not u.kwargs
+                 and u.args[0] is node and calls.get(u.target) == 1 and type(modules.get(u.target)) is nn.Linear]
+        if len(group) < 2:
+            continue
+        in_features = {modules[u.target].in_features for u in group}
+        if len(in_features) != 1:
+            continue
+        group.sort(key=lambda u: list(graph.nodes).index(u))
+        linears = [modules[u.target] for u in group]
+        name = group[0].target.replace(".", "_") + "_concat"
+        merged = PackedLinear(None, dtype=knobs.dtype, prepack=knobs.weights_prepack, concat=linears)
+        gm.add_module(name, merged)
+        with graph.inserting_before(group[0]):
+            call = graph.call_module(name, (node,))
+            pieces = [graph.call_function(operator.getitem, (call, i)) for i in range(len(group))]
+        for u, piece in zip(group, pieces):
+            u.replace_all_uses_with(piece)
+            graph.erase_node(u)
+            calls[u.target] = 0
+        report.add(_join(prefix, name), "concatenated",
+                   " + ".join(_join(prefix, u.target) for u in group) + " -> one Linear")
+
+
+# ---------------------------------------------------------------- module-local rewrite
+def _rewrite_sequential(seq: nn.Sequential, prefix: str, knobs: Knobs, report: Report) -> None:
+    names = list(seq._modules)
+    i = 0
+    while i < len(names):
+        layer = seq._modules[names[i]]
+        if not _packable(layer):
+            i += 1
+            continue
+        j = i + 1
+        bn = unary = spec = None
+        fold = knobs.linear_bn_folding if isinstance(layer, nn.Linear) else knobs.conv_bn_folding
+        if fold and j < len(names) and _bn_foldable(layer, seq._modules[names[j]]):
+            bn = seq._modules[names[j]]
+            seq._modules[names[j]] = FoldedBatchNorm(bn)
+            report.add(_join(prefix, names[j]), "folded", f"into {_join(prefix, names[i])}")
+            bn = seq._modules[names[j]]
+            j += 1
+        if knobs.fuse_post_ops and j < len(names):
+            act = _activation_of_module(seq._modules[names[j]])
+            if act is not None:
+                unary, spec = act
+                seq._modules[names[j]] = nn.Identity()
+                j += 1
+        seq._modules[names[i]] = _make_packed(layer, bn, unary, spec, False, knobs)
+        report.add(_join(prefix, names[i]), "prepacked" if knobs.weights_prepack else "folded",
+                   _describe(layer, bn, unary, False))
+        i = j
+
+
+def _rewrite(mod: nn.Module, prefix: str, knobs: Knobs, report: Report) -> nn.Module:
+    """Returns the rewritten module (a GraphModule, a packed module, or ``mod`` with rewritten children)."""
+    if isinstance(mod, _Packed):
+        return mod
+    if _packable(mod):
+        report.add(prefix, "prepacked", type(mod).__name__)
+        return _make_packed(mod, None, None, None, False, knobs)
+    if not any(_packable(m) for m in mod.modules()):
+        return mod
+    builtin = type(mod).__module__.split(".")[0] == "torch"
+    if builtin and not isinstance(mod, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return mod  # torch's own composite modules (MultiheadAttention, Transformer*) use their weights directly
+    if isinstance(mod, nn.Sequential):  # runs of layer, BatchNorm, activation: fused in place, indexing kept
+        _rewrite_sequential(mod, prefix, knobs, report)
+    elif knobs.graph_mode and not builtin:
+        try:
+            gm = fx.symbolic_trace(mod)
+        except Exception as e:  # data-dependent control flow etc.: rewrite the children instead
+            report.add(prefix, "not traced", f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        else:
+            try:
+                _keep_attributes(mod, gm)
+                _rewrite_graph(gm, prefix, knobs, report)
+                return gm
+            except Exception as e:
+                report.add(prefix, "graph rewrite failed, kept module rewrites",
+                           f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    for name, child in list(mod.named_children()):
+        new = _rewrite(child, _join(prefix, name), knobs, report)
+        if new is not child:
+            setattr(mod, name, new)
+    return mod
+
+
+def _keep_attributes(src: nn.Module, gm: fx.GraphModule) -> None:
+    """Plain attributes of the user's module (config values) stay readable on the graph module."""
+    for k, v in src.__dict__.items():
+        if not k.startswith("_") and k not in gm.__dict__ and k != "training":
+            gm.__dict__[k] = v
+    # submodules the graph does not call (e.g. folded BatchNorms' siblings) keep their state_dict keys
+    for name, child in src.named_children():
+        if not hasattr(gm, name):
+            gm.add_module(name, child)
+
+
+def _replace_dropout(mod: nn.Module, prefix: str, report: Report) -> None:
+    for name, child in list(mod.named_children()):
+        if isinstance(child, _DROPOUTS):
+            setattr(mod, name, nn.Identity())
+            report.add(_join(prefix, name), "replaced", f"{type(child).__name__} -> Identity")
+        else:
+            _replace_dropout(child, _join(prefix, name), report)
+
+
+def _cast_rest_to_bf16(model: nn.Module, report: Report) -> None:
+    """Modules ipex_lite does not pack compute in bf16 too (norms keep fp32
+    parameters: their kernels take bf16 inputs with fp32 weights)."""
+    bn_refs = {id(m.bn) for m in model.modules() if isinstance(m, _Packed) and m.bn is not None}
+    for name, m in model.named_modules():
+        if isinstance(m, (_Packed, FoldedBatchNorm) + _NORMS) or id(m) in bn_refs:
+            continue
+        params = [p for p in m.parameters(recurse=False) if p.is_floating_point() and p.dtype != torch.bfloat16]
+        bufs = [b for b in m.buffers(recurse=False) if b.is_floating_point() and b.dtype != torch.bfloat16]
+        if not params and not bufs:
+            continue
+        for p in params:
+            p.data = p.data.to(torch.bfloat16)
+        for bname, b in list(m.named_buffers(recurse=False)):
+            if b.is_floating_point():
+                setattr(m, bname, b.to(torch.bfloat16))
+        report.add(name, "bf16", f"{type(m).__name__} parameters cast to bfloat16")
+
+
+def optimize_for_inference(model: nn.Module, knobs: Knobs, sample_input=None) -> nn.Module:
+    report = Report()
+    if knobs.replace_dropout_with_identity:
+        _replace_dropout(model, "", report)
+    model = _rewrite(model, "", knobs, report)
+    if knobs.dtype == torch.bfloat16:
+        _cast_rest_to_bf16(model, report)
+    model.__dict__["_ipex_lite_report"] = report
+    if sample_input is not None:
+        args = sample_input if isinstance(sample_input, tuple) else (sample_input,)
+        with torch.no_grad():
+            model(*args)  # packs every weight for the real input shapes
+    return model
+
+
+def explain(model: nn.Module) -> str:
+    """The report of what ``ipex_lite.optimize`` did to ``model`` (per module: folded,
+    packed, fused, replaced, skipped and why)."""
+    report = model.__dict__.get("_ipex_lite_report")
+    if report is None:
+        return "this model was not produced by ipex_lite.optimize"
+    return str(report)
+
+
+__all__ = ["optimize_for_inference", "explain", "Knobs", "Report", "FoldedBatchNorm"]

@@ -1,0 +1,344 @@
+"""Inference modules that ``ipex_lite.optimize`` puts in place of Conv / Linear.
+
+Each module computes ``post_ops(layer(x) [+ other])`` with the weights folded
+(a following BatchNorm absorbed), converted to the compute dtype and
+reordered once into oneDNN's blocked layout, through torch's own oneDNN ops
+(``torch.ops.mkldnn._convolution_pointwise`` / ``_linear_pointwise``), which
+apply the activation and the residual add inside the GEMM/convolution.
+
+State: the module owns the source layer's ``weight`` and ``bias`` Parameters
+under their original names, so ``state_dict()`` keys and values are those of
+the user's model (fp32, unfolded); a folded BatchNorm stays where it was in
+the module tree.  The packed weight is a cache keyed on the sources'
+(storage, version): ``load_state_dict`` or any in-place edit repacks it on the
+next call.  It is dropped by ``copy.deepcopy`` and pickling and rebuilt on
+first use.
+
+The packed path runs for inference (no gradient needed).  Under autograd,
+``torch.jit.trace`` and ``torch.compile`` the module computes the same
+function with plain ATen ops on the folded weights, so gradients are right,
+a trace can be frozen and inductor sees ops it knows.
+"""
+import threading
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["PackedConv", "PackedConvTranspose", "PackedLinear", "UNARY"]
+
+mkldnn = torch.ops.mkldnn
+
+# post-op name -> (oneDNN attr, scalars, algorithm, eager function)
+UNARY = {
+    "relu": ("relu", [], "", F.relu),
+    "silu": ("swish", [], "", F.silu),
+    "gelu": ("gelu", [], "none", F.gelu),
+    "gelu_tanh": ("gelu", [], "tanh", lambda t: F.gelu(t, approximate="tanh")),
+    "sigmoid": ("sigmoid", [], "", torch.sigmoid),
+    "tanh": ("tanh", [], "", torch.tanh),
+    "hardswish": ("hardswish", [], "", F.hardswish),
+    "hardsigmoid": ("hardsigmoid", [], "", F.hardsigmoid),
+    "relu6": ("hardtanh", [0.0, 6.0], "", F.relu6),
+}
+
+
+def _leaky(slope):
+    return ("leaky_relu", [slope], "", lambda t: F.leaky_relu(t, slope))
+
+
+def _hardtanh(lo, hi):
+    return ("hardtanh", [lo, hi], "", lambda t: F.hardtanh(t, lo, hi))
+
+
+def _bn_scale_shift(bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel y = x * scale + shift of an eval-mode BatchNorm (or FrozenBatchNorm2d)."""
+    var, mean = bn.running_var.float(), bn.running_mean.float()
+    eps = getattr(bn, "eps", 1e-5)
+    scale = torch.rsqrt(var + eps)
+    shift = -mean * scale
+    if getattr(bn, "weight", None) is not None:
+        scale = scale * bn.weight.float()
+        shift = shift * bn.weight.float()
+    if getattr(bn, "bias", None) is not None:
+        shift = shift + bn.bias.float()
+    return scale, shift
+
+
+class _Packed(nn.Module):
+    """Folding, the packed-weight cache and the post-ops shared by the packed modules."""
+
+    def __init__(self, layer: nn.Module, bn: Optional[nn.Module], unary: Optional[str], binary: bool,
+                 dtype: torch.dtype, prepack: bool, unary_spec=None):
+        super().__init__()
+        self.weight = layer.weight
+        self.bias = layer.bias
+        # the BatchNorm stays registered where it was (its state_dict keys); this is a plain reference
+        self.__dict__["bn"] = bn
+        self.unary = unary
+        self._unary_spec = unary_spec if unary_spec is not None else (UNARY[unary] if unary else None)
+        self.binary = binary
+        self.dtype = dtype
+        self.prepack = prepack
+        self._lock = threading.Lock()
+
+    # --- pickling / deepcopy: the opaque packed tensor and the lock are rebuilt on demand
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_cache", None)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _sources(self) -> List[torch.Tensor]:
+        ts = [self.weight] + ([self.bias] if self.bias is not None else [])
+        if self.bn is not None:
+            ts += [t for t in (self.bn.running_mean, self.bn.running_var, getattr(self.bn, "weight", None),
+                               getattr(self.bn, "bias", None)) if t is not None]
+        return ts
+
+    def _key(self):
+        return tuple((t.data_ptr(), t._version) for t in self._sources())
+
+    def _folded(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """fp32 weight and bias with the BatchNorm folded in (differentiable torch ops)."""
+        w, b = self.weight.float(), None if self.bias is None else self.bias.float()
+        if self.bn is None:
+            return w, b
+        scale, shift = _bn_scale_shift(self.bn)
+        w = w * self._channel_view(scale)
+        b = shift if b is None else b * scale + shift
+        return w, b
+
+    def _channel_view(self, scale):
+        return scale.view(-1, *([1] * (self.weight.dim() - 1)))
+
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        # floating inputs compute in the module's dtype; others reach the stock op and its error
+        return x.to(self.dtype) if x.is_floating_point() else x
+
+    def _needs_reference(self, x: torch.Tensor) -> bool:
+        if not self.prepack or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+            return True
+        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self._sources())):
+            return True
+        return x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu"
+
+    def _packed(self, x: torch.Tensor):
+        key = self._key()
+        cache = self.__dict__.get("_cache")
+        if cache is None or cache[0] != key:
+            with self._lock:
+                cache = self.__dict__.get("_cache")
+                if cache is None or cache[0] != key:
+                    with torch.no_grad():
+                        w, b = self._folded()
+                        w = self._reorder(w.to(self.dtype).contiguous(), x)
+                        b = None if b is None else b.to(self.dtype)
+                    cache = (key, w, b)
+                    self.__dict__["_cache"] = cache
+        return cache[1], cache[2]
+
+    def _attr(self):
+        if self._unary_spec is None:
+            return "none", [], ""
+        attr, scalars, algo, _ = self._unary_spec
+        return attr, scalars, algo
+
+    def _post(self, y, other):
+        if other is not None:
+            y = y + other
+        if self._unary_spec is not None:
+            y = self._unary_spec[3](y)
+        return y
+
+    def extra_repr(self) -> str:
+        parts = [f"dtype={str(self.dtype).replace('torch.', '')}", f"prepack={self.prepack}"]
+        if self.bn is not None:
+            parts.append("bn_folded=True")
+        if self.unary:
+            parts.append(f"post_op={self.unary}")
+        if self.binary:
+            parts.append("residual_add=True")
+        return ", ".join(parts)
+
+
+class PackedConv(_Packed):
+    """Conv1d/2d/3d (+ folded BatchNorm) (+ residual add) (+ activation), channels_last, prepacked."""
+
+    def __init__(self, conv: nn.Module, bn=None, unary=None, binary=False, dtype=torch.float32, prepack=True,
+                 unary_spec=None):
+        super().__init__(conv, bn, unary, binary, dtype, prepack, unary_spec)
+        self.nd = conv.weight.dim() - 2
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.stride, self.dilation, self.groups = tuple(conv.stride), tuple(conv.dilation), conv.groups
+        self.kernel_size = tuple(conv.kernel_size)
+        self.padding_mode = conv.padding_mode
+        self._reversed_padding_repeated_twice = list(conv._reversed_padding_repeated_twice)
+        self.padding = self._explicit_padding(conv.padding)
+        # set by optimize() where ``other`` is a fresh tensor nobody reads afterwards: the sum is written into it
+        self.inplace_add = False
+        self._conv_padding = conv.padding  # what F.convNd takes (may be "same"/"valid")
+        if self.padding is None or self.padding_mode != "zeros":
+            self.prepack = False  # asymmetric "same" padding or a non-zero padding mode: plain path
+
+    def _explicit_padding(self, padding):
+        if not isinstance(padding, str):
+            return tuple(padding)
+        if padding == "valid":
+            return (0,) * self.nd
+        total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+        return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
+
+    def _memory_format(self):
+        return {2: torch.channels_last, 3: torch.channels_last_3d}.get(self.nd, torch.contiguous_format)
+
+    def _reorder(self, w, x):
+        if self.nd == 1:  # oneDNN's 1-D convolution takes the plain weight; there is no 1-D reorder op
+            return w
+        return mkldnn._reorder_convolution_weight(w, list(self.padding), list(self.stride), list(self.dilation),
+                                                  self.groups, list(x.shape))
+
+    def _out_shape(self, x):
+        spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                   zip(x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride)]
+        return (x.shape[0], self.out_channels, *spatial)
+
+    def reference(self, x, other=None):
+        w, b = self._folded()
+        x = self._cast(x)
+        w, b = w.to(self.dtype), None if b is None else b.to(self.dtype)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.nd - 1]
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            y = conv(x, w, b, self.stride, 0, self.dilation, self.groups)
+        else:
+            y = conv(x, w, b, self.stride, self._conv_padding, self.dilation, self.groups)
+        return self._post(y, None if other is None else other.to(y.dtype))
+
+    def forward(self, x, other=None):
+        if self._needs_reference(x) or x.dim() != self.nd + 2:
+            return self.reference(x, other)
+        x = x.to(self.dtype).contiguous(memory_format=self._memory_format())
+        w, b = self._packed(x)
+        attr, scalars, algo = self._attr()
+        args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        if other is None:
+            return mkldnn._convolution_pointwise(x, w, b, *args, attr, scalars, algo)
+        if tuple(other.shape) != self._out_shape(x) or other.dtype != self.dtype:
+            # broadcasting or mixed dtypes: no fused add
+            y = mkldnn._convolution_pointwise(x, w, b, *args, "none", [], "")
+            return self._post(y, other)
+        unary = (attr if attr != "none" else None, scalars, algo or None)
+        if self.inplace_add and other.is_contiguous(memory_format=self._memory_format()):
+            return mkldnn._convolution_pointwise_.binary(other, x, w, b, *args, "add", None, *unary)
+        other = other.contiguous(memory_format=self._memory_format())
+        return mkldnn._convolution_pointwise.binary(x, other, w, b, *args, "add", None, *unary)
+
+
+class PackedConvTranspose(_Packed):
+    """ConvTranspose2d (+ folded BatchNorm, groups=1) (+ activation), prepacked."""
+
+    def __init__(self, conv: nn.ConvTranspose2d, bn=None, unary=None, dtype=torch.float32, prepack=True,
+                 unary_spec=None):
+        super().__init__(conv, bn, unary, False, dtype, prepack, unary_spec)
+        self.stride, self.padding = tuple(conv.stride), tuple(conv.padding)
+        self.output_padding, self.dilation, self.groups = tuple(conv.output_padding), tuple(conv.dilation), conv.groups
+        self.out_channels = conv.out_channels
+        if conv.padding_mode != "zeros":
+            raise ValueError("PackedConvTranspose: only zero padding")
+
+    def _channel_view(self, scale):  # weight is (in, out / groups, kh, kw)
+        return scale.view(1, -1, 1, 1)
+
+    def _reorder(self, w, x):
+        return mkldnn._reorder_convolution_transpose_weight(w, list(self.padding), list(self.output_padding),
+                                                            list(self.stride), list(self.dilation), self.groups,
+                                                            list(x.shape))
+
+    def reference(self, x, other=None):
+        w, b = self._folded()
+        x = self._cast(x)
+        y = F.conv_transpose2d(x, w.to(self.dtype), None if b is None else b.to(self.dtype), self.stride,
+                               self.padding, self.output_padding, self.groups, self.dilation)
+        return self._post(y, None)
+
+    def forward(self, x, other=None):
+        if self._needs_reference(x) or x.dim() != 4:
+            return self.reference(x)
+        x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        w, b = self._packed(x)
+        attr, scalars, algo = self._attr()
+        return mkldnn._convolution_transpose_pointwise(x, w, b, list(self.padding), list(self.output_padding),
+                                                       list(self.stride), list(self.dilation), self.groups, attr,
+                                                       scalars, algo)
+
+
+class PackedLinear(_Packed):
+    """Linear (+ folded BatchNorm1d on 2-D inputs) (+ residual add) (+ activation), prepacked.
+
+    ``concat`` merges several Linears that read the same input into one GEMM
+    (their weights stacked); the module then has no parameters of its own (the
+    sources stay registered where they were) and returns the pieces as a tuple."""
+
+    def __init__(self, linear: Optional[nn.Linear], bn=None, unary=None, binary=False, dtype=torch.float32,
+                 prepack=True, unary_spec=None, concat: Sequence[nn.Linear] = ()):
+        if concat:
+            holder = nn.Module()
+            holder.weight, holder.bias = None, None
+            super().__init__(holder, None, None, False, dtype, prepack)
+            del self.weight, self.bias
+            self.__dict__["sources"] = list(concat)
+            self.splits = [m.out_features for m in concat]
+            self.in_features, self.out_features = concat[0].in_features, sum(self.splits)
+        else:
+            super().__init__(linear, bn, unary, binary, dtype, prepack, unary_spec)
+            self.__dict__["sources"] = None
+            self.splits = None
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def _sources(self):
+        if self.sources is None:
+            return super()._sources()
+        return [t for m in self.sources for t in (m.weight, m.bias) if t is not None]
+
+    def _folded(self):
+        if self.sources is not None:
+            w = torch.cat([m.weight.float() for m in self.sources])
+            if all(m.bias is None for m in self.sources):
+                return w, None
+            return w, torch.cat([m.bias.float() if m.bias is not None else m.weight.new_zeros(m.out_features)
+                                 for m in self.sources])
+        return super()._folded()
+
+    def _reorder(self, w, x):
+        return mkldnn._reorder_linear_weight(w, max(1, x.numel() // max(1, x.shape[-1])))
+
+    def _split(self, y):
+        return tuple(torch.split(y, self.splits, dim=-1)) if self.splits is not None else y
+
+    def reference(self, x, other=None):
+        if self.bn is not None and x.dim() != 2:  # BatchNorm1d normalises dim 1: only 2-D folds
+            y = self.bn(F.linear(x, self.weight, self.bias).to(self.bn.running_mean.dtype)).to(self.dtype)
+            return self._post(y, None if other is None else other.to(y.dtype))
+        w, b = self._folded()
+        y = F.linear(self._cast(x), w.to(self.dtype), None if b is None else b.to(self.dtype))
+        return self._split(self._post(y, None if other is None else other.to(y.dtype)))
+
+    def forward(self, x, other=None):
+        if self._needs_reference(x) or (self.bn is not None and x.dim() != 2) or x.shape[-1] != self.in_features:
+            return self.reference(x, other)
+        x = x.to(self.dtype)
+        if not x.is_contiguous():
+            x = x.contiguous()
+        w, b = self._packed(x)
+        attr, scalars, algo = self._attr()
+        if other is None:
+            return self._split(mkldnn._linear_pointwise(x, w, b, attr, scalars, algo))
+        if other.shape != (*x.shape[:-1], self.out_features) or other.dtype != self.dtype or attr != "none":
+            return self._post(mkldnn._linear_pointwise(x, w, b, "none", [], ""), other)
+        return mkldnn._linear_pointwise.binary(x, other.contiguous(), w, b, "add")

@@ -1,0 +1,425 @@
+"""optimize() for inference: outputs equal to stock (fp32 1e-5 relative,
+bf16 within a stated tolerance), every knob on and off, state_dict round
+trips, deepcopy / torch.save, jit trace + freeze, torch.compile, models FX
+cannot trace, and the report."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ipex_lite
+from ipex_lite._inference import FoldedBatchNorm
+from ipex_lite.nn.prepacked import PackedConv, PackedConvTranspose, PackedLinear, _Packed
+
+
+def _randomize_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model
+
+
+class Block(nn.Module):
+    def __init__(self, cin, c, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, c, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.conv3 = nn.Conv2d(c, c * 2, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c * 2)
+        self.relu = nn.ReLU(inplace=True)
+        self.down = None
+        if stride != 1 or cin != c * 2:
+            self.down = nn.Sequential(nn.Conv2d(cin, c * 2, 1, stride, bias=False), nn.BatchNorm2d(c * 2))
+
+    def forward(self, x):
+        identity = x if self.down is None else self.down(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+
+class ResNetish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.layer1 = nn.Sequential(Block(16, 8), Block(16, 8))
+        self.layer2 = nn.Sequential(Block(16, 16, 2), Block(32, 16))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(32, 10)
+        self.num_classes = 10
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(self.drop(torch.flatten(self.pool(x), 1)))
+
+
+class BertishLayer(nn.Module):
+    def __init__(self, h=64, heads=4, inter=128):
+        super().__init__()
+        self.heads = heads
+        self.query, self.key, self.value = nn.Linear(h, h), nn.Linear(h, h), nn.Linear(h, h)
+        self.attn_out, self.attn_norm = nn.Linear(h, h), nn.LayerNorm(h)
+        self.intermediate, self.act = nn.Linear(h, inter), nn.GELU()
+        self.output, self.out_norm = nn.Linear(inter, h), nn.LayerNorm(h)
+        self.dropout = nn.Dropout(0.1)
+
+    def forward(self, x):
+        b, s, h = x.shape
+
+        def split(t):
+            return t.view(b, s, self.heads, h // self.heads).transpose(1, 2)
+        ctx = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(x)), split(self.value(x)))
+        x = self.attn_norm(self.dropout(self.attn_out(ctx.transpose(1, 2).reshape(b, s, h))) + x)
+        return self.out_norm(self.dropout(self.output(self.act(self.intermediate(x)))) + x)
+
+
+class Bertish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.ModuleList([BertishLayer() for _ in range(2)])
+
+    def forward(self, x):
+        for layer in self.layer:
+            x = layer(x)
+        return x
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(20, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(), nn.Linear(64, 32),
+                         nn.SiLU(), nn.Linear(32, 5))
+
+
+def conv1d_net():
+    return nn.Sequential(nn.Conv1d(4, 16, 5, padding=2), nn.BatchNorm1d(16), nn.ReLU(),
+                         nn.Conv1d(16, 16, 3, padding="same", dilation=2), nn.Tanh(), nn.AdaptiveAvgPool1d(1),
+                         nn.Flatten(), nn.Linear(16, 3))
+
+
+def decoder():
+    return nn.Sequential(nn.ConvTranspose2d(8, 16, 4, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.ConvTranspose2d(16, 3, 3, 2, 1, output_padding=1), nn.Sigmoid())
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: FX cannot trace the top level; its children still get rewritten."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.features(x).mean((2, 3))
+        if y.sum() > 0:
+            return self.head(y)
+        return -self.head(y)
+
+
+MODELS = {
+    "resnet": (ResNetish, lambda: torch.randn(2, 3, 32, 32)),
+    "bert": (Bertish, lambda: torch.randn(2, 16, 64)),
+    "mlp": (mlp, lambda: torch.randn(8, 20)),
+    "conv1d": (conv1d_net, lambda: torch.randn(3, 4, 40)),
+    "decoder": (decoder, lambda: torch.randn(2, 8, 7, 7)),
+    "untraceable": (Untraceable, lambda: torch.randn(2, 3, 12, 12)),
+}
+
+
+def make(name, seed=0):
+    torch.manual_seed(seed)
+    ctor, inp = MODELS[name]
+    return _randomize_bn(ctor(), seed).eval(), inp()
+
+
+def packed_modules(model):
+    return [m for m in model.modules() if isinstance(m, _Packed)]
+
+
+def assert_close_fp32(got, want):
+    scale = want.abs().max().item() + 1e-6
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fp32_matches_stock(name):
+    model, x = make(name)
+    opt = ipex_lite.optimize(model)
+    assert packed_modules(opt), ipex_lite.explain(opt)
+    with torch.no_grad():
+        want = model(x)
+        assert_close_fp32(opt(x), want)
+        assert_close_fp32(opt(x), want)  # second call: the cached packed weights
+    with torch.inference_mode():
+        assert_close_fp32(opt(x), want)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bf16_matches_stock_within_tolerance(name):
+    """bf16 weights and activations: 8 mantissa bits, error grows with depth;
+    we allow 5% of the output's largest magnitude."""
+    model, x = make(name)
+    opt = ipex_lite.optimize(model, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = model(x)
+        got = opt(x)
+    assert got.dtype in (torch.bfloat16, torch.float32)
+    scale = want.abs().max().item()
+    assert (got.float() - want).abs().max().item() <= 0.05 * scale + 1e-3
+
+
+def test_resnet_fusions_and_report():
+    model, x = make("resnet")
+    opt = ipex_lite.optimize(model)
+    assert type(opt).__name__ == "ResNetish" and opt.num_classes == 10  # plain attributes stay readable
+    convs = [m for m in opt.modules() if isinstance(m, PackedConv)]
+    assert len(convs) == 1 + 3 * 4 + 1  # stem, 4 blocks of 3, one downsample
+    assert all(c.bn is not None for c in convs)
+    assert sum(c.binary for c in convs) == 4 and sum(c.unary == "relu" for c in convs) == 1 + 4 * 3
+    assert sum(c.inplace_add for c in convs) == 4  # every identity is a fresh packed-layer output
+    called = {n.target for n in opt.graph.nodes if n.op == "call_module"}
+    assert not any(isinstance(opt.get_submodule(t), nn.BatchNorm2d) for t in called)  # all folded
+    text = ipex_lite.explain(opt)
+    for needle in ("residual add fused", "relu fused", "folded: into layer1.0.conv1", "Dropout -> Identity"):
+        assert needle in text, text
+
+
+def test_state_dict_keys_values_and_reload():
+    model, x = make("resnet")
+    opt = ipex_lite.optimize(model)
+    sd, ref = opt.state_dict(), model.state_dict()
+    assert sd.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(sd[k], ref[k]), k
+    other, _ = make("resnet", seed=3)
+    opt.load_state_dict(other.state_dict())  # repacks on the next call
+    with torch.no_grad():
+        assert_close_fp32(opt(x), other(x))
+    stock = ResNetish().eval()
+    stock.load_state_dict(opt.state_dict())
+    with torch.no_grad():
+        assert_close_fp32(stock(x), other(x))
+
+
+def test_user_model_untouched_and_inplace():
+    model, x = make("resnet")
+    before = copy.deepcopy(model.state_dict())
+    types = [type(m) for m in model.modules()]
+    ipex_lite.optimize(model)
+    assert [type(m) for m in model.modules()] == types
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        want = model(x)
+        opt = ipex_lite.optimize(model, inplace=True)
+        assert_close_fp32(opt(x), want)
+
+
+def test_o0_and_knobs():
+    model, x = make("resnet")
+    o0 = ipex_lite.optimize(model, level="O0")
+    assert not packed_modules(o0) and o0 is not model
+    no_fold = ipex_lite.optimize(model, conv_bn_folding=False)
+    assert all(m.bn is None for m in packed_modules(no_fold))
+    assert any(isinstance(m, nn.BatchNorm2d) for m in no_fold.modules())
+    no_pack = ipex_lite.optimize(model, weights_prepack=False)
+    assert packed_modules(no_pack) and not any(m.prepack for m in packed_modules(no_pack))
+    keep_drop = ipex_lite.optimize(model, replace_dropout_with_identity=False)
+    assert any(isinstance(m, nn.Dropout) for m in keep_drop.modules())
+    local = ipex_lite.optimize(model, graph_mode=False)
+    assert isinstance(local, ResNetish)  # module-local rewrites keep the class
+    assert any(isinstance(m, FoldedBatchNorm) for m in local.modules())  # the stem Sequential
+    only_fold = ipex_lite.optimize(model, level="O0", conv_bn_folding=True)
+    assert packed_modules(only_fold)
+    with torch.no_grad():
+        want = model(x)
+        for m in (o0, no_fold, no_pack, keep_drop, local, only_fold):
+            assert_close_fp32(m(x), want)
+
+
+def test_concat_linear():
+    model, x = make("bert")
+    opt = ipex_lite.optimize(model, concat_linear=True)
+    merged = [m for m in opt.modules() if isinstance(m, PackedLinear) and m.splits]
+    assert len(merged) == 2 and merged[0].splits == [64, 64, 64]
+    assert opt.state_dict().keys() == model.state_dict().keys()
+    with torch.no_grad():
+        assert_close_fp32(opt(x), model(x))
+
+
+def test_deepcopy_and_torch_save():
+    model, x = make("resnet")
+    opt = ipex_lite.optimize(model)
+    with torch.no_grad():
+        want = opt(x)
+        dup = copy.deepcopy(opt)
+        assert_close_fp32(dup(x), want)
+        buf = io.BytesIO()
+        torch.save(opt, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        assert_close_fp32(loaded(x), want)
+    # the copy's folded BatchNorm is its own: changing it repacks only the copy
+    with torch.no_grad():
+        dup.get_submodule("layer1.0.bn1").running_mean.add_(1.0)
+        assert not torch.allclose(dup(x), want)
+        assert_close_fp32(opt(x), want)
+
+
+def test_jit_trace_and_freeze():
+    model, x = make("resnet")
+    opt = ipex_lite.optimize(model)
+    with torch.no_grad():
+        traced = torch.jit.freeze(torch.jit.trace(opt, x).eval())
+        assert_close_fp32(traced(x), model(x))
+
+
+def test_torch_compile():
+    model, x = make("mlp")
+    opt = ipex_lite.optimize(model)
+    compiled = torch.compile(opt, backend="aot_eager")
+    with torch.no_grad():
+        assert_close_fp32(compiled(x), model(x))
+
+
+def test_untraceable_model_is_rewritten_locally():
+    model, x = make("untraceable")
+    opt = ipex_lite.optimize(model)
+    assert isinstance(opt, Untraceable)
+    assert "not traced" in ipex_lite.explain(opt)
+    assert isinstance(opt.features[0], PackedConv) and opt.features[0].unary == "relu"
+    assert isinstance(opt.features[1], FoldedBatchNorm) and isinstance(opt.head, PackedLinear)
+
+
+def test_gradients_through_the_reference_path():
+    model, x = make("mlp")
+    opt = ipex_lite.optimize(model)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    model(x1).sum().backward()
+    opt(x2).sum().backward()
+    assert_close_fp32(x2.grad, x1.grad)
+
+
+def test_training_mode_without_optimizer_raises():
+    with pytest.raises(AssertionError, match="optimizer should be given for training mode"):
+        ipex_lite.optimize(nn.Linear(2, 2).train())
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.Sigmoid(),
+                                 nn.Tanh(), nn.Hardswish(), nn.Hardsigmoid(), nn.ReLU6(), nn.LeakyReLU(0.2),
+                                 nn.Hardtanh(-0.5, 0.5)], ids=lambda m: repr(m))
+def test_each_fused_activation(act):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), act, nn.Flatten(), nn.Linear(8 * 36, 6), act).eval()
+    x = torch.randn(2, 3, 6, 6)
+    opt = ipex_lite.optimize(model)
+    packed = packed_modules(opt)
+    assert len(packed) == 2 and all(m.unary for m in packed), ipex_lite.explain(opt)
+    with torch.no_grad():
+        assert_close_fp32(opt(x), model(x))
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))
+        return self.conv(y) + torch.ones(1, 4, 1, 1)  # broadcast add: not fusable as a residual
+
+
+def test_shared_layer_and_broadcast_add():
+    torch.manual_seed(0)
+    model = _randomize_bn(Shared()).eval()
+    x = torch.randn(2, 4, 5, 5)
+    opt = ipex_lite.optimize(model)
+    assert "called 2 times" in ipex_lite.explain(opt)
+    with torch.no_grad():
+        assert_close_fp32(opt(x), model(x))
+
+
+class ResidualBroadcast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bias = nn.Parameter(torch.randn(1, 4, 1, 1))
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + self.bias)
+
+
+def test_fused_add_with_a_broadcast_operand_falls_back():
+    torch.manual_seed(0)
+    model = ResidualBroadcast().eval()
+    x = torch.randn(2, 4, 5, 5)
+    opt = ipex_lite.optimize(model)
+    with torch.no_grad():
+        assert_close_fp32(opt(x), model(x))
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(3, 4, 4, padding="same"), nn.Conv2d(3, 4, 3, padding=1,
+                                                                               padding_mode="reflect"),
+                                  nn.Conv3d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1, groups=2)],
+                         ids=["same-even-kernel", "reflect", "conv3d", "groups"])
+def test_conv_variants(conv):
+    torch.manual_seed(0)
+    model = nn.Sequential(conv, nn.ReLU()).eval()
+    x = torch.randn(2, conv.in_channels, *([6] * (conv.weight.dim() - 2)))
+    opt = ipex_lite.optimize(model)
+    with torch.no_grad():
+        assert_close_fp32(opt(x), model(x))
+
+
+def test_transformer_modules_fp32_and_bf16():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+    model = nn.Sequential(nn.Linear(16, 32), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+                          nn.Linear(32, 4)).eval()
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    x = torch.randn(2, 10, 16)
+    with torch.no_grad():
+        want = model(x)
+        assert_close_fp32(ipex_lite.optimize(model)(x), want)
+        got = ipex_lite.optimize(model, dtype=torch.bfloat16)(x)
+        assert (got.float() - want).abs().max().item() <= 0.05 * want.abs().max().item() + 1e-2
+        q = torch.randn(2, 5, 32)
+        want_mha = mha(q, q, q)[0]
+        got_mha = ipex_lite.optimize(mha, dtype=torch.bfloat16)(q.bfloat16(), q.bfloat16(), q.bfloat16())[0]
+        assert (got_mha.float() - want_mha).abs().max().item() < 0.05
+
+
+def test_sample_input_packs_ahead_and_verbose(capsys):
+    model, x = make("resnet")
+    opt = ipex_lite.optimize(model, sample_input=x, verbose=True)
+    assert all("_cache" in m.__dict__ for m in packed_modules(opt))
+    assert "ipex_lite.optimize report" in capsys.readouterr().out
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="level"):
+        ipex_lite.optimize(nn.Linear(2, 2).eval(), level="O3")
+    with pytest.raises(ValueError, match="dtype"):
+        ipex_lite.optimize(nn.Linear(2, 2).eval(), dtype=torch.int8)
+    with pytest.raises(TypeError, match="nn.Module"):
+        ipex_lite.optimize(lambda x: x)
+    opt = ipex_lite.optimize(nn.Sequential(nn.Linear(4, 3)).eval())
+    with pytest.raises(RuntimeError):
+        opt(torch.randn(2, 5))  # wrong feature size: the stock error, not a crash
+    with torch.no_grad():
+        assert opt(torch.randn(0, 4)).shape == (0, 3)
+        assert opt(torch.randn(2, 4).double()).dtype == torch.float32  # floating inputs compute in fp32
+    with pytest.raises(RuntimeError):
+        opt(torch.ones(2, 4, dtype=torch.int64))  # the stock dtype error

@@ -14,6 +14,7 @@ they were (a graph no longer calls them; a Sequential holds them as
 ``FoldedBatchNorm``, an identity that keeps the buffers).
 """
 import operator
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -40,6 +41,7 @@ class Knobs:
     graph_mode: bool = True
     concat_linear: bool = False
     fuse_post_ops: bool = True
+    auto_kernel_selection: bool = False
 
 
 @dataclass
@@ -418,11 +420,67 @@ def optimize_for_inference(model: nn.Module, knobs: Knobs, sample_input=None) ->
     if knobs.dtype == torch.bfloat16:
         _cast_rest_to_bf16(model, report)
     model.__dict__["_ipex_lite_report"] = report
-    if sample_input is not None:
-        args = sample_input if isinstance(sample_input, tuple) else (sample_input,)
+    args = None if sample_input is None else sample_input if isinstance(sample_input, tuple) else (sample_input,)
+    if knobs.auto_kernel_selection:
+        _select_kernels(model, knobs, args, report)
+    if args is not None:
         with torch.no_grad():
             model(*args)  # packs every weight for the real input shapes
     return model
+
+
+def _time_call(fn, reps: int = 5) -> float:
+    fn()  # packs
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def _select_kernels(model: nn.Module, knobs: Knobs, args, report: Report) -> None:
+    """Per packed layer of a bf16 model: bf16 or fp32 compute (fp32 is the
+    more accurate, so either meets bf16's accuracy).  With a sample input
+    each layer is timed both ways on its real input; without one, CPUs
+    without AMX get fp32 compute (their bf16 GEMM peak is below fp32's)."""
+    packed = [(name, m) for name, m in model.named_modules() if isinstance(m, _Packed)]
+    if knobs.dtype != torch.bfloat16:
+        report.add("", "auto_kernel_selection", "fp32 model: oneDNN packed fp32 kernels, nothing to choose")
+        return
+    if args is None:
+        from . import isa_info
+        if isa_info().get("amx_bf16"):
+            report.add("", "auto_kernel_selection", "AMX present: bf16 kernels kept (no sample_input to time)")
+            return
+        for name, m in packed:
+            m.set_compute_dtype(torch.float32, torch.bfloat16)
+        report.add("", "auto_kernel_selection", f"no AMX: fp32 kernels on bf16 activations for {len(packed)} "
+                   "layers (bf16 GEMM peaks below fp32 here; pass sample_input to time each layer)")
+        return
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, _n=name: inputs.setdefault(_n, a)) for name, m in packed]
+    try:
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        for name, m in packed:
+            if name not in inputs:
+                continue
+            timing = {}
+            inplace = getattr(m, "inplace_add", False)
+            m.inplace_add = False  # timing calls must not write into the captured residual
+            for dt in (torch.bfloat16, torch.float32):
+                m.set_compute_dtype(dt, torch.bfloat16)
+                timing[dt] = _time_call(lambda: m(*inputs[name]))
+            m.inplace_add = inplace
+            best = min(timing, key=timing.get)
+            m.set_compute_dtype(best, torch.bfloat16)
+            report.add(name, "kernel", f"{str(best).replace('torch.', '')} compute (bf16 {timing[torch.bfloat16] * 1e3:.3f}"
+                       f" ms, fp32 {timing[torch.float32] * 1e3:.3f} ms)")
 
 
 def explain(model: nn.Module) -> str:

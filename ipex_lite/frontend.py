@@ -190,11 +190,11 @@ class _Hook:
         return getattr(self.owner, self.name)(*args)
 
 
-def _optimize_inference(model, dtype, level, inplace, sample_input, verbose, explicit):
+def _optimize_inference(model, dtype, level, inplace, sample_input, verbose, auto_kernel_selection, explicit):
     o1 = level == "O1"
     defaults = dict(conv_bn_folding=o1, linear_bn_folding=o1, weights_prepack=o1, replace_dropout_with_identity=o1,
                     graph_mode=o1, concat_linear=False)
-    knobs = Knobs(dtype=dtype or torch.float32, fuse_post_ops=o1,
+    knobs = Knobs(dtype=dtype or torch.float32, fuse_post_ops=o1, auto_kernel_selection=bool(auto_kernel_selection),
                   **{k: bool(v) if v is not None else defaults[k] for k, v in explicit.items()})
     if not inplace:
         model = copy.deepcopy(model)
@@ -221,7 +221,7 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, optimizer=No
     if optimizer is None:
         if model.training:  # IPEX's check and message
             raise AssertionError("The optimizer should be given for training mode")
-        return _optimize_inference(model, dtype, level, inplace, sample_input, verbose, dict(
+        return _optimize_inference(model, dtype, level, inplace, sample_input, verbose, auto_kernel_selection, dict(
             conv_bn_folding=conv_bn_folding, linear_bn_folding=linear_bn_folding, weights_prepack=weights_prepack,
             replace_dropout_with_identity=replace_dropout_with_identity, graph_mode=graph_mode,
             concat_linear=concat_linear))

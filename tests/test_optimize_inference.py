@@ -180,6 +180,22 @@ def test_bf16_matches_stock_within_tolerance(name):
     assert (got.float() - want).abs().max().item() <= 0.05 * scale + 1e-3
 
 
+@pytest.mark.parametrize("with_sample", [False, True])
+def test_auto_kernel_selection(with_sample):
+    model, x = make("resnet")
+    opt = ipex_lite.optimize(model, dtype=torch.bfloat16, auto_kernel_selection=True,
+                             sample_input=x if with_sample else None)
+    text = ipex_lite.explain(opt)
+    if with_sample:
+        assert "compute (bf16" in text, text  # every layer timed both ways
+    elif not ipex_lite.isa_info()["amx_bf16"]:
+        assert all(m.dtype == torch.float32 and m.out_dtype == torch.bfloat16 for m in packed_modules(opt))
+    with torch.no_grad():
+        want, got = model(x), opt(x)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max().item() <= 0.05 * want.abs().max().item()
+
+
 def test_resnet_fusions_and_report():
     model, x = make("resnet")
     opt = ipex_lite.optimize(model)

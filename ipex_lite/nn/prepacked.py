@@ -79,7 +79,8 @@ class _Packed(nn.Module):
         self.unary = unary
         self._unary_spec = unary_spec if unary_spec is not None else (UNARY[unary] if unary else None)
         self.binary = binary
-        self.dtype = dtype
+        self.dtype = dtype  # compute dtype
+        self.out_dtype = None  # when set (a bf16 model computing this layer in fp32), outputs are cast to it
         self.prepack = prepack
         self._lock = threading.Lock()
 
@@ -143,6 +144,18 @@ class _Packed(nn.Module):
                     self.__dict__["_cache"] = cache
         return cache[1], cache[2]
 
+    def set_compute_dtype(self, dtype: torch.dtype, out_dtype: Optional[torch.dtype] = None) -> None:
+        """Compute in ``dtype`` (packed weights rebuilt on the next call), return ``out_dtype``."""
+        self.dtype = dtype
+        self.out_dtype = None if out_dtype in (None, dtype) else out_dtype
+        self.__dict__.pop("_cache", None)
+
+    def forward(self, x, other=None):
+        y = self._compute(x, other)
+        if self.out_dtype is not None:
+            y = tuple(t.to(self.out_dtype) for t in y) if isinstance(y, tuple) else y.to(self.out_dtype)
+        return y
+
     def _attr(self):
         if self._unary_spec is None:
             return "none", [], ""
@@ -160,6 +173,8 @@ class _Packed(nn.Module):
         parts = [f"dtype={str(self.dtype).replace('torch.', '')}", f"prepack={self.prepack}"]
         if self.bn is not None:
             parts.append("bn_folded=True")
+        if self.out_dtype is not None:
+            parts.append(f"out_dtype={str(self.out_dtype).replace('torch.', '')}")
         if self.unary:
             parts.append(f"post_op={self.unary}")
         if self.binary:
@@ -220,7 +235,7 @@ class PackedConv(_Packed):
             y = conv(x, w, b, self.stride, self._conv_padding, self.dilation, self.groups)
         return self._post(y, None if other is None else other.to(y.dtype))
 
-    def forward(self, x, other=None):
+    def _compute(self, x, other=None):
         if self._needs_reference(x) or x.dim() != self.nd + 2:
             return self.reference(x, other)
         x = x.to(self.dtype).contiguous(memory_format=self._memory_format())
@@ -229,10 +244,11 @@ class PackedConv(_Packed):
         args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
         if other is None:
             return mkldnn._convolution_pointwise(x, w, b, *args, attr, scalars, algo)
-        if tuple(other.shape) != self._out_shape(x) or other.dtype != self.dtype:
-            # broadcasting or mixed dtypes: no fused add
+        if tuple(other.shape) != self._out_shape(x) or not other.is_floating_point():
+            # a broadcast operand: no fused add
             y = mkldnn._convolution_pointwise(x, w, b, *args, "none", [], "")
             return self._post(y, other)
+        other = other.to(self.dtype)
         unary = (attr if attr != "none" else None, scalars, algo or None)
         if self.inplace_add and other.is_contiguous(memory_format=self._memory_format()):
             return mkldnn._convolution_pointwise_.binary(other, x, w, b, *args, "add", None, *unary)
@@ -267,7 +283,7 @@ class PackedConvTranspose(_Packed):
                                self.padding, self.output_padding, self.groups, self.dilation)
         return self._post(y, None)
 
-    def forward(self, x, other=None):
+    def _compute(self, x, other=None):
         if self._needs_reference(x) or x.dim() != 4:
             return self.reference(x)
         x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
@@ -329,7 +345,7 @@ class PackedLinear(_Packed):
         y = F.linear(self._cast(x), w.to(self.dtype), None if b is None else b.to(self.dtype))
         return self._split(self._post(y, None if other is None else other.to(y.dtype)))
 
-    def forward(self, x, other=None):
+    def _compute(self, x, other=None):
         if self._needs_reference(x) or (self.bn is not None and x.dim() != 2) or x.shape[-1] != self.in_features:
             return self.reference(x, other)
         x = x.to(self.dtype)
@@ -339,6 +355,6 @@ class PackedLinear(_Packed):
         attr, scalars, algo = self._attr()
         if other is None:
             return self._split(mkldnn._linear_pointwise(x, w, b, attr, scalars, algo))
-        if other.shape != (*x.shape[:-1], self.out_features) or other.dtype != self.dtype or attr != "none":
+        if other.shape != (*x.shape[:-1], self.out_features) or not other.is_floating_point() or attr != "none":
             return self._post(mkldnn._linear_pointwise(x, w, b, "none", [], ""), other)
-        return mkldnn._linear_pointwise.binary(x, other.contiguous(), w, b, "add")
+        return mkldnn._linear_pointwise.binary(x, other.to(self.dtype).contiguous(), w, b, "add")

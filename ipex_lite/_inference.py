@@ -393,9 +393,11 @@ def _replace_dropout(mod: nn.Module, prefix: str, report: Report) -> None:
             _replace_dropout(child, _join(prefix, name), report)
 
 
-def _cast_rest_to_bf16(model: nn.Module, report: Report) -> None:
+def _cast_rest_to_bf16(model: nn.Module, report: Report) -> list:
     """Modules ipex_lite does not pack compute in bf16 too (norms keep fp32
-    parameters: their kernels take bf16 inputs with fp32 weights)."""
+    parameters: their kernels take bf16 inputs with fp32 weights).  Returns
+    what was replaced, as (module, name, original) to undo it."""
+    undo = []
     bn_refs = {id(m.bn) for m in model.modules() if isinstance(m, _Packed) and m.bn is not None}
     for name, m in model.named_modules():
         if isinstance(m, (_Packed, FoldedBatchNorm) + _NORMS) or id(m) in bn_refs:
@@ -404,12 +406,16 @@ def _cast_rest_to_bf16(model: nn.Module, report: Report) -> None:
         bufs = [b for b in m.buffers(recurse=False) if b.is_floating_point() and b.dtype != torch.bfloat16]
         if not params and not bufs:
             continue
-        for p in params:
-            p.data = p.data.to(torch.bfloat16)
+        for pname, p in list(m.named_parameters(recurse=False)):
+            if p.is_floating_point():
+                undo.append((p, "data", p.data))
+                p.data = p.data.to(torch.bfloat16)
         for bname, b in list(m.named_buffers(recurse=False)):
             if b.is_floating_point():
+                undo.append((m, bname, b))
                 setattr(m, bname, b.to(torch.bfloat16))
         report.add(name, "bf16", f"{type(m).__name__} parameters cast to bfloat16")
+    return undo
 
 
 def optimize_for_inference(model: nn.Module, knobs: Knobs, sample_input=None) -> nn.Module:
@@ -417,12 +423,13 @@ def optimize_for_inference(model: nn.Module, knobs: Knobs, sample_input=None) ->
     if knobs.replace_dropout_with_identity:
         _replace_dropout(model, "", report)
     model = _rewrite(model, "", knobs, report)
-    if knobs.dtype == torch.bfloat16:
-        _cast_rest_to_bf16(model, report)
     model.__dict__["_ipex_lite_report"] = report
     args = None if sample_input is None else sample_input if isinstance(sample_input, tuple) else (sample_input,)
-    if knobs.auto_kernel_selection:
-        _select_kernels(model, knobs, args, report)
+    if knobs.dtype == torch.bfloat16:
+        if knobs.auto_kernel_selection:
+            _select_kernels(model, args, report)
+        else:
+            _cast_rest_to_bf16(model, report)
     if args is not None:
         with torch.no_grad():
             model(*args)  # packs every weight for the real input shapes
@@ -439,48 +446,74 @@ def _time_call(fn, reps: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _select_kernels(model: nn.Module, knobs: Knobs, args, report: Report) -> None:
-    """Per packed layer of a bf16 model: bf16 or fp32 compute (fp32 is the
-    more accurate, so either meets bf16's accuracy).  With a sample input
-    each layer is timed both ways on its real input; without one, CPUs
-    without AMX get fp32 compute (their bf16 GEMM peak is below fp32's)."""
-    packed = [(name, m) for name, m in model.named_modules() if isinstance(m, _Packed)]
-    if knobs.dtype != torch.bfloat16:
-        report.add("", "auto_kernel_selection", "fp32 model: oneDNN packed fp32 kernels, nothing to choose")
-        return
+def _packed_layers(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _Packed)]
+
+
+def _all_fp32(model: nn.Module) -> None:
+    for _, m in _packed_layers(model):
+        m.set_compute_dtype(torch.float32)
+
+
+def _select_kernels(model: nn.Module, args, report: Report) -> None:
+    """bf16 model with auto_kernel_selection: the fastest of
+    (a) the whole model in fp32 (no AMX: bf16 GEMM peaks below fp32 here), and
+    (b) bf16 with each packed layer timed in bf16 and in fp32 (bf16 in and out) on its real input.
+    Both are at least as accurate as bf16.  Without a sample input: (a) on
+    CPUs without AMX, plain bf16 on CPUs with it."""
+    from . import isa_info
     if args is None:
-        from . import isa_info
         if isa_info().get("amx_bf16"):
-            report.add("", "auto_kernel_selection", "AMX present: bf16 kernels kept (no sample_input to time)")
-            return
-        for name, m in packed:
-            m.set_compute_dtype(torch.float32, torch.bfloat16)
-        report.add("", "auto_kernel_selection", f"no AMX: fp32 kernels on bf16 activations for {len(packed)} "
-                   "layers (bf16 GEMM peaks below fp32 here; pass sample_input to time each layer)")
+            _cast_rest_to_bf16(model, report)
+            report.add("", "auto_kernel_selection", "AMX present: bf16 kernels (no sample_input to time)")
+        else:
+            _all_fp32(model)
+            report.add("", "auto_kernel_selection", "no AMX: whole model kept in fp32, which is faster than bf16 "
+                       "here and more accurate (pass sample_input to time each layer)")
         return
+    with torch.no_grad():
+        _all_fp32(model)
+        t_fp32 = _time_call(lambda: model(*args), reps=3)
+        undo = _cast_rest_to_bf16(model, report)
+        for _, m in _packed_layers(model):
+            m.set_compute_dtype(torch.bfloat16)
+        _per_layer_choice(model, args, report)
+        t_bf16 = _time_call(lambda: model(*args), reps=3)
+        if t_fp32 <= t_bf16:
+            for owner, name, value in reversed(undo):
+                setattr(owner, name, value)
+            _all_fp32(model)
+            report.entries = [e for e in report.entries if e[1] not in ("kernel", "bf16")]
+            report.add("", "auto_kernel_selection", f"whole model in fp32: {t_fp32 * 1e3:.1f} ms per sample call "
+                       f"against {t_bf16 * 1e3:.1f} ms for the best bf16 mix")
+        else:
+            report.add("", "auto_kernel_selection", f"bf16 with per-layer kernels: {t_bf16 * 1e3:.1f} ms per "
+                       f"sample call against {t_fp32 * 1e3:.1f} ms for the whole model in fp32")
+
+
+def _per_layer_choice(model: nn.Module, args, report: Report) -> None:
+    packed = _packed_layers(model)
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda mod, a, _n=name: inputs.setdefault(_n, a)) for name, m in packed]
     try:
-        with torch.no_grad():
-            model(*args)
+        model(*args)
     finally:
         for h in hooks:
             h.remove()
-    with torch.no_grad():
-        for name, m in packed:
-            if name not in inputs:
-                continue
-            timing = {}
-            inplace = getattr(m, "inplace_add", False)
-            m.inplace_add = False  # timing calls must not write into the captured residual
-            for dt in (torch.bfloat16, torch.float32):
-                m.set_compute_dtype(dt, torch.bfloat16)
-                timing[dt] = _time_call(lambda: m(*inputs[name]))
-            m.inplace_add = inplace
-            best = min(timing, key=timing.get)
-            m.set_compute_dtype(best, torch.bfloat16)
-            report.add(name, "kernel", f"{str(best).replace('torch.', '')} compute (bf16 {timing[torch.bfloat16] * 1e3:.3f}"
-                       f" ms, fp32 {timing[torch.float32] * 1e3:.3f} ms)")
+    for name, m in packed:
+        if name not in inputs:
+            continue
+        timing = {}
+        inplace = getattr(m, "inplace_add", False)
+        m.inplace_add = False  # timing calls must not write into the captured residual
+        for dt in (torch.bfloat16, torch.float32):
+            m.set_compute_dtype(dt, torch.bfloat16)
+            timing[dt] = _time_call(lambda: m(*inputs[name]))
+        m.inplace_add = inplace
+        best = min(timing, key=timing.get)
+        m.set_compute_dtype(best, torch.bfloat16)
+        report.add(name, "kernel", f"{str(best).replace('torch.', '')} compute (bf16 "
+                   f"{timing[torch.bfloat16] * 1e3:.3f} ms, fp32 {timing[torch.float32] * 1e3:.3f} ms)")
 
 
 def explain(model: nn.Module) -> str:

@@ -186,12 +186,28 @@ def test_auto_kernel_selection(with_sample):
     opt = ipex_lite.optimize(model, dtype=torch.bfloat16, auto_kernel_selection=True,
                              sample_input=x if with_sample else None)
     text = ipex_lite.explain(opt)
+    assert "auto_kernel_selection" in text, text
     if with_sample:
-        assert "compute (bf16" in text, text  # every layer timed both ways
+        assert "per sample call" in text, text  # the whole model was timed both ways
     elif not ipex_lite.isa_info()["amx_bf16"]:
-        assert all(m.dtype == torch.float32 and m.out_dtype == torch.bfloat16 for m in packed_modules(opt))
+        assert all(m.dtype == torch.float32 and m.out_dtype is None for m in packed_modules(opt))
     with torch.no_grad():
         want, got = model(x), opt(x)
+    assert (got.float() - want).abs().max().item() <= 0.05 * want.abs().max().item()
+    # the choice never changes the state_dict: fp32 under the original keys
+    assert all(v.dtype == torch.float32 for k, v in opt.state_dict().items() if v.is_floating_point())
+
+
+def test_auto_kernel_selection_per_layer_mix_is_consistent():
+    model, x = make("bert")
+    opt = ipex_lite.optimize(model, dtype=torch.bfloat16, sample_input=x)
+    from ipex_lite._inference import _per_layer_choice, Report
+    report = Report()
+    with torch.no_grad():
+        _per_layer_choice(opt, (x,), report)
+        got = opt(x)
+        want = model(x)
+    assert len([e for e in report.entries if e[1] == "kernel"]) == len(packed_modules(opt))
     assert got.dtype == torch.bfloat16
     assert (got.float() - want).abs().max().item() <= 0.05 * want.abs().max().item()
 

@@ -45,7 +45,7 @@ build: venv
 d = m.distribution('ipex_lite'); u = json.loads(d.read_text('direct_url.json') or '{}'); \
 here = os.path.realpath(up.unquote(up.urlparse(u.get('url', '')).path)); \
 sys.exit(0 if u.get('dir_info', {}).get('editable') and here == os.path.realpath('.') else 1)" \
-			>/dev/null 2>&1; then \
+			>/dev/null 2>&1 || ! "$(VPY)" -c "import ipex_lite.launcher" >/dev/null 2>&1; then \
 		echo "make: installing ipex_lite (editable) into $(VENV)"; \
 		$(VPIP) install $(PIP_ARGS) --no-build-isolation --no-deps -e . ; \
 	fi

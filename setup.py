@@ -120,7 +120,9 @@ LEVELS = built_levels()
 BuildWithIsaKernels.levels = LEVELS
 
 setup(
-    packages=find_packages(include=["ipex_lite", "ipex_lite.*"]),
+    # the launcher lives in the top-level launcher/ directory and installs as ipex_lite.launcher
+    packages=find_packages(include=["ipex_lite", "ipex_lite.*"]) + ["ipex_lite.launcher"],
+    package_dir={"ipex_lite.launcher": "launcher"},
     ext_modules=[make_extension(LEVELS)],
     cmdclass={"build_ext": BuildWithIsaKernels.with_options(use_ninja=True)},
 )

@@ -6,7 +6,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C
 from . import _ops  # noqa: F401  (fake kernels and autograd for torch.ops.ipex_lite)
-from . import nn, optim
+from . import nn, optim, quantization
 from ._inference import explain
 from .frontend import optimize
 

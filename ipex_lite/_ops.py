@@ -200,3 +200,14 @@ def _cat_fake(top, trail):
 
 for _name in ("packed_add", "sgd_step_", "adam_step_", "adagrad_step_", "lamb_step_"):
     torch.library.register_fake(f"ipex_lite::{_name}")(lambda *args, **kwargs: None)
+
+
+@torch.library.register_fake("ipex_lite::quantize_per_tensor")
+def _quantize_fake(input, scale, zero_point, dtype):
+    torch._check(dtype in (torch.uint8, torch.int8), lambda: "quantize_per_tensor: dtype must be uint8 or int8")
+    return torch.empty_like(input, dtype=dtype)
+
+
+@torch.library.register_fake("ipex_lite::dequantize_per_tensor")
+def _dequantize_fake(input, scale, zero_point):
+    return torch.empty_like(input, dtype=torch.float32)

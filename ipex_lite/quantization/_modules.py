@@ -1,0 +1,242 @@
+"""INT8 Conv / Linear modules run by oneDNN through torch's own ops
+(``torch.ops.onednn.qconv_pointwise`` / ``qconv2d_pointwise.binary`` /
+``qlinear_pointwise``) on plain uint8 activations and int8 weights with
+explicit scales and zero points (no quantized tensor dtypes).
+
+A layer takes fp32 (quantized here with its calibrated input scale) or, when
+its producer is an int8 layer too, the producer's uint8 output as is; it
+returns uint8 when every consumer is an int8 layer (requantized inside the
+kernel) and fp32 otherwise.  Weights are per-output-channel symmetric int8,
+stored as plain buffers (the state_dict is the int8 model); the oneDNN
+layout is a cache rebuilt after loading.
+"""
+import threading
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+onednn = torch.ops.onednn
+ops = torch.ops.ipex_lite
+
+# post-ops oneDNN's int8 kernels apply in the kernel (the others run in fp32 after it)
+_CONV_UNARY = {"relu", "swish", "hardswish", "hardtanh", "leaky_relu"}
+_LINEAR_UNARY = {"relu", "swish", "gelu", "tanh", "hardswish", "hardtanh", "leaky_relu"}
+
+
+def quantize_weight(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: w ≈ q * scale[c]."""
+    amax = w.detach().abs().amax(dim=tuple(range(1, w.dim()))).float()
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.clamp(torch.round(w.detach().float() / scale.view(-1, *([1] * (w.dim() - 1)))), -128, 127)
+    return q.to(torch.int8), scale
+
+
+class _QuantizedLayer(nn.Module):
+    def __init__(self, packed, in_qparams, out_qparams, other_qparams=None, dynamic=False):
+        super().__init__()
+        with torch.no_grad():
+            w, b = packed._folded()
+        qweight, w_scales = quantize_weight(w)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("w_scales", w_scales)
+        self.register_buffer("w_zero_points", torch.zeros(w_scales.numel(), dtype=torch.int64))
+        self.register_buffer("bias", None if b is None else b.detach().float().clone())
+        spec = packed._unary_spec
+        self.unary = packed.unary
+        self.unary_attr = spec[0] if spec else "none"
+        self.unary_scalars = list(spec[1]) if spec else []
+        self.unary_algorithm = spec[2] if spec else ""
+        self.binary = packed.binary
+        self.dynamic = dynamic
+        self.in_scale, self.in_zero_point = in_qparams if in_qparams else (1.0, 0)
+        self.out_scale, self.out_zero_point = out_qparams if out_qparams else (1.0, 0)
+        self.other_scale, self.other_zero_point = other_qparams if other_qparams else (1.0, 0)
+        self.in_quantized = False  # the input arrives as uint8 from an int8 producer
+        self.out_dtype = torch.float32  # uint8 when every consumer is an int8 layer
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_cache", None)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _eager_unary(self):
+        from ..nn.prepacked import UNARY
+        attr, scalars = self.unary_attr, self.unary_scalars
+        if attr == "leaky_relu":
+            return lambda t: F.leaky_relu(t, scalars[0])
+        if attr == "hardtanh":
+            return lambda t: F.hardtanh(t, scalars[0], scalars[1])
+        return UNARY[self.unary][3]
+
+    def _quantize_input(self, x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            if not self.in_quantized:
+                raise TypeError(f"{type(self).__name__}: got a uint8 input but this layer expects floating point")
+            return x
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__}: input must be floating point (or uint8 from an int8 layer), "
+                            f"got {x.dtype}")
+        return ops.quantize_per_tensor(x, scale, zero_point, torch.uint8)
+
+    def _packed(self, x: torch.Tensor):
+        key = (self.qweight.data_ptr(), self.qweight._version, self.w_scales._version, self.in_scale,
+               self.in_zero_point)
+        cache = self.__dict__.get("_cache")
+        if cache is None or cache[0] != key:
+            with self._lock:
+                cache = self.__dict__.get("_cache")
+                if cache is None or cache[0] != key:
+                    cache = (key, self._prepack(x))
+                    self.__dict__["_cache"] = cache
+        return cache[1]
+
+    def _reference(self, x, other, layer_fn):
+        """The same int8 numerics with portable ops, for ``torch.jit.trace``: the TorchScript tracer
+        cannot record oneDNN's int8 ops (their ``Scalar?[]`` arguments), so a traced artifact carries
+        the int8 weights and scales and computes dequantize -> fp32 layer -> quantize."""
+        if x.dtype == torch.uint8:
+            xf = ops.dequantize_per_tensor(x, self.in_scale, self.in_zero_point)
+        else:
+            xf = ops.dequantize_per_tensor(ops.quantize_per_tensor(x, self.in_scale, self.in_zero_point,
+                                                                   torch.uint8), self.in_scale, self.in_zero_point)
+        w = self.qweight.float() * self.w_scales.view(-1, *([1] * (self.qweight.dim() - 1)))
+        y = layer_fn(xf, w, self.bias)
+        if other is not None:
+            y = y + (ops.dequantize_per_tensor(other, self.other_scale, self.other_zero_point)
+                     if other.dtype == torch.uint8 else other)
+        if self.unary is not None:
+            y = self._eager_unary()(y)
+        if self.out_dtype == torch.uint8:
+            y = ops.quantize_per_tensor(y, self.out_scale, self.out_zero_point, torch.uint8)
+        return y
+
+    def _out_qparams(self, out_dtype):
+        # oneDNN takes the output scale only for an 8-bit output
+        return (self.out_scale, self.out_zero_point) if out_dtype == torch.uint8 else (1.0, 0)
+
+    def _finish(self, y: torch.Tensor, fused_unary: bool) -> torch.Tensor:
+        """Post-op oneDNN could not fuse, then the output dtype."""
+        if self.unary is not None and not fused_unary:
+            y = self._eager_unary()(y)
+            if self.out_dtype == torch.uint8:
+                y = ops.quantize_per_tensor(y, self.out_scale, self.out_zero_point, torch.uint8)
+        return y
+
+    def extra_repr(self) -> str:
+        parts = [f"in=({'uint8' if self.in_quantized else 'fp32'}, scale={self.in_scale:.4g}, "
+                 f"zp={self.in_zero_point})" if not self.dynamic else "dynamic",
+                 f"out={str(self.out_dtype).replace('torch.', '')}"]
+        if self.unary:
+            parts.append(f"post_op={self.unary}")
+        if self.binary:
+            parts.append("residual_add=True")
+        return ", ".join(parts)
+
+
+class QuantizedConv(_QuantizedLayer):
+    """INT8 Conv1d/2d (+ folded BN) (+ residual add) (+ activation)."""
+
+    def __init__(self, packed, in_qparams, out_qparams, other_qparams=None):
+        super().__init__(packed, in_qparams, out_qparams, other_qparams)
+        self.nd = packed.nd
+        self.stride, self.padding, self.dilation = list(packed.stride), list(packed.padding), list(packed.dilation)
+        self.groups = packed.groups
+        self.out_channels = packed.out_channels
+        self.other_quantized = False
+        self.inplace_add = getattr(packed, "inplace_add", False)
+
+    def _prepack(self, x):
+        return onednn.qconv_prepack(self.qweight, self.w_scales, self.in_scale, self.in_zero_point, self.stride,
+                                    self.padding, self.dilation, self.groups, list(x.shape))
+
+    def forward(self, x, other=None):
+        if torch.jit.is_tracing():
+            conv = F.conv2d if self.nd == 2 else F.conv1d
+            return self._reference(x, other, lambda a, w, b: conv(a, w, b, self.stride, self.padding, self.dilation,
+                                                                   self.groups))
+        fmt = torch.channels_last if self.nd == 2 else torch.contiguous_format
+        qx = self._quantize_input(x, self.in_scale, self.in_zero_point).contiguous(memory_format=fmt)
+        w = self._packed(qx)
+        fused = self.unary is None or self.unary_attr in _CONV_UNARY
+        attr = self.unary_attr if fused else "none"
+        scalars = self.unary_scalars if fused else []
+        algo = self.unary_algorithm if fused else ""
+        out_dtype = self.out_dtype if fused else torch.float32
+        common = (self.stride, self.padding, self.dilation, self.groups)
+        if other is None:
+            y = onednn.qconv_pointwise(qx, self.in_scale, self.in_zero_point, w, self.w_scales, self.w_zero_points,
+                                       self.bias, *common, *self._out_qparams(out_dtype), out_dtype, attr,
+                                       scalars, algo)
+            return self._finish(y, fused)
+        # residual add: oneDNN's sum post-op accumulates into ``other`` (uint8 with its own scale, or fp32)
+        if out_dtype == torch.uint8:
+            acc = other if other.dtype == torch.uint8 and self.other_quantized else \
+                ops.quantize_per_tensor(other if other.is_floating_point() else other.float(), self.other_scale,
+                                        self.other_zero_point, torch.uint8)
+            acc_scale, acc_zp = self.other_scale, self.other_zero_point
+        else:
+            acc = ops.dequantize_per_tensor(other, self.other_scale, self.other_zero_point) \
+                if other.dtype == torch.uint8 else other.float()
+            acc_scale, acc_zp = 1.0, 0
+        if acc is other and not self.inplace_add:
+            acc = acc.clone(memory_format=fmt)  # the sum is written into the accumulator
+        acc = acc.contiguous(memory_format=fmt)
+        y = onednn.qconv2d_pointwise.binary(qx, self.in_scale, self.in_zero_point, w, self.w_scales,
+                                            self.w_zero_points, acc, self.bias, *common,
+                                            *self._out_qparams(out_dtype), out_dtype, acc_scale, acc_zp, "sum", 1.0,
+                                            attr if attr != "none" else None, scalars, algo or None)
+        return self._finish(y, fused)
+
+
+class QuantizedLinear(_QuantizedLayer):
+    """INT8 Linear (+ folded BN on 2-D inputs) (+ residual add) (+ activation); ``dynamic``
+    quantizes each input with its own min/max instead of a calibrated scale."""
+
+    def __init__(self, packed, in_qparams, out_qparams, other_qparams=None, dynamic=False):
+        super().__init__(packed, in_qparams, out_qparams, other_qparams, dynamic)
+        self.in_features, self.out_features = packed.in_features, packed.out_features
+
+    def _prepack(self, x):
+        return onednn.qlinear_prepack(self.qweight, [max(1, x.numel() // self.in_features), self.in_features])
+
+    def forward(self, x, other=None):
+        if x.shape[-1] != self.in_features:
+            raise RuntimeError(f"QuantizedLinear: input has {x.shape[-1]} features, expected {self.in_features}")
+        if torch.jit.is_tracing() and not self.dynamic:
+            return self._reference(x, other, F.linear)
+        lead = x.shape[:-1]
+        scale, zp = self.in_scale, self.in_zero_point
+        if self.dynamic and x.dtype != torch.uint8:
+            from ._observers import affine_qparams
+            lo, hi = torch.aminmax(x.detach().float()) if x.numel() else (torch.tensor(0.0), torch.tensor(0.0))
+            scale, zp = affine_qparams(lo.item(), hi.item())
+        qx = self._quantize_input(x, scale, zp).reshape(-1, self.in_features)
+        w = self._packed(qx)
+        fused = self.unary is None or self.unary_attr in _LINEAR_UNARY
+        attr = self.unary_attr if fused else "none"
+        scalars = self.unary_scalars if fused else []
+        algo = self.unary_algorithm if fused else ""
+        out_dtype = self.out_dtype if fused else torch.float32
+        if other is None or other.shape != (*lead, self.out_features):
+            y = onednn.qlinear_pointwise(qx, scale, zp, w, self.w_scales, self.w_zero_points, self.bias,
+                                         *self._out_qparams(out_dtype), out_dtype, attr, scalars, algo)
+            y = self._finish(y, fused).reshape(*lead, self.out_features)
+            if other is not None:  # a broadcast residual: added in fp32
+                y = (y if y.is_floating_point() else ops.dequantize_per_tensor(y, self.out_scale,
+                                                                                self.out_zero_point)) + other
+            return y
+        acc = ops.dequantize_per_tensor(other, self.other_scale, self.other_zero_point) \
+            if other.dtype == torch.uint8 else other.float()
+        y = onednn.qlinear_pointwise.binary(qx, scale, zp, w, self.w_scales, self.w_zero_points,
+                                            acc.reshape(-1, self.out_features), self.bias,
+                                            *self._out_qparams(out_dtype), out_dtype, 1.0, 0, "add", 1.0, attr,
+                                            scalars, algo)
+        return self._finish(y, fused).reshape(*lead, self.out_features)

@@ -10,9 +10,12 @@ The one line a user adds is
     model = ipex_lite.optimize(model.eval(), dtype=torch.bfloat16)  # bf16
 
 which folds BatchNorm into the convolutions, fuses ReLU/GELU and residual
-adds into them, and prepacks the weights for oneDNN.  The script times stock
+adds into them, and prepacks the weights for oneDNN.  The int8 row is
+``ipex_lite.quantization.prepare`` -> a few calibration batches -> ``convert``
+(see tutorials/int8.py; calibrated here on noisy copies of the input, so its
+error is only indicative).  The script times stock
 eager and the optimized model interleaved in one process, checks that the
-outputs agree (fp32: 1e-4 of the output scale, bf16: 5e-2), and exits
+outputs agree (fp32: 1e-4 of the output scale, bf16: 5e-2, int8: 1e-1), and exits
 non-zero when they do not.
 """
 import argparse
@@ -26,6 +29,15 @@ from bench.harness import Report, measure  # noqa: E402
 from bench.models import BertEncoder, ResNet50, _trained_looking_bn  # noqa: E402
 
 import ipex_lite  # noqa: E402
+from ipex_lite import quantization  # noqa: E402
+
+
+def int8_model(model, x):
+    prepared = quantization.prepare(model, quantization.default_static_qconfig_mapping, example_inputs=x)
+    with torch.no_grad():
+        for _ in range(2):
+            prepared(x + 0.05 * torch.randn_like(x))
+    return quantization.convert(prepared)
 
 
 def launcher_settings() -> str:
@@ -41,10 +53,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.full:
-        cases = {"ResNet-50": (_trained_looking_bn(ResNet50()), torch.randn(8, 3, 224, 224)),
+        cases = {"ResNet-50": (_trained_looking_bn(ResNet50()), torch.rand(8, 3, 224, 224)),
                  "BERT-base x4": (BertEncoder(4), torch.randn(8, 128, 768))}
     else:
-        cases = {"ResNet-50": (_trained_looking_bn(ResNet50()), torch.randn(2, 3, 112, 112)),
+        cases = {"ResNet-50": (_trained_looking_bn(ResNet50()), torch.rand(2, 3, 112, 112)),
                  "BERT-base x2": (BertEncoder(2), torch.randn(2, 64, 768))}
     print(f"torch {torch.__version__}, ipex_lite {ipex_lite.__version__}, ISA {ipex_lite.cpu_capability()}, "
           f"{torch.get_num_threads()} threads; launcher: {launcher_settings()}")
@@ -54,14 +66,15 @@ def main(argv=None) -> int:
         model.eval()
         fp32 = ipex_lite.optimize(model, sample_input=x)
         bf16 = ipex_lite.optimize(model, dtype=torch.bfloat16, sample_input=x)
+        int8 = int8_model(model, x)
         systems = {"stock fp32": lambda: model(x), "ipex_lite fp32": lambda: fp32(x),
-                   "ipex_lite bf16": lambda: bf16(x)}
+                   "ipex_lite bf16": lambda: bf16(x), "ipex_lite int8": lambda: int8(x)}
         extra = {}
         with torch.no_grad():
             want = model(x)
             for label, fn in systems.items():
                 err = ((fn().float() - want).abs().max() / want.abs().max()).item()
-                limit = 5e-2 if "bf16" in label else 1e-4
+                limit = 5e-2 if "bf16" in label else 1e-4 if "fp32" in label else 1e-1
                 ok &= err <= limit
                 extra[label] = {"max err": f"{err:.1e}", "agrees": "yes" if err <= limit else "NO"}
             res = measure(systems, repeat=args.repeat, warmup=1, inner=1)

@@ -100,7 +100,7 @@ class BuildWithIsaKernels(BuildExtension):
 
 def make_extension(levels):
     sources = sorted(glob.glob("csrc/module.cpp") + glob.glob("csrc/dispatch/*.cpp")
-                     + glob.glob("csrc/ops/*.cpp"))
+                     + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/runtime/*.cpp"))
     names = [n for n, _ in levels]
     macros = [(f"IPEX_LITE_HAS_{n.upper()}", "1") for n in names]
     return CppExtension(

@@ -1,10 +1,12 @@
 // The Python module ipex_lite._C.  Ops register themselves with the
 // dispatcher when this library is loaded (TORCH_LIBRARY_FRAGMENT in
-// csrc/ops); the module itself only exposes CPU/ISA introspection.
+// csrc/ops); the module itself exposes CPU/ISA introspection and the
+// per-thread binding helpers of ipex_lite.cpu.runtime.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "dispatch/isa.h"
+#include "runtime/thread_binding.h"
 
 // Claims the namespace: a second library defining ipex_lite ops fails loudly.
 TORCH_LIBRARY(ipex_lite, m) {}
@@ -58,6 +60,14 @@ PyObject* isa_info(PyObject*, PyObject*) {
 PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS, "ISA level the kernels run at."},
     {"isa_info", isa_info, METH_NOARGS, "CPU features and the detected/built/active ISA levels."},
+    {"bind_current_thread", ipex_lite::runtime::bind_current_thread, METH_O,
+     "Restrict the calling OS thread to the given CPU ids."},
+    {"current_thread_affinity", ipex_lite::runtime::current_thread_affinity, METH_NOARGS,
+     "CPU ids the calling OS thread may run on."},
+    {"set_thread_num_threads", ipex_lite::runtime::set_thread_num_threads, METH_O,
+     "OpenMP team size for parallel regions started by the calling thread; returns the previous one."},
+    {"team_affinities", ipex_lite::runtime::team_affinities, METH_NOARGS,
+     "CPU ids of each thread of an OpenMP team started by the calling thread."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -436,8 +436,25 @@ def test_transformer_modules_fp32_and_bf16():
 def test_sample_input_packs_ahead_and_verbose(capsys):
     model, x = make("resnet")
     opt = ipex_lite.optimize(model, sample_input=x, verbose=True)
-    assert all("_cache" in m.__dict__ for m in packed_modules(opt))
+    assert all(len(m.packs) == 1 for m in packed_modules(opt))
     assert "ipex_lite.optimize report" in capsys.readouterr().out
+
+
+def test_one_pack_per_thread_count():
+    """oneDNN's weight layout depends on the team size: a pack per size, same results."""
+    model, x = make("resnet")
+    opt = ipex_lite.optimize(model)
+    before = torch.get_num_threads()
+    with torch.no_grad():
+        want = opt(x)
+        try:
+            torch.set_num_threads(1)
+            got = opt(x)
+        finally:
+            torch.set_num_threads(before)
+    assert_close_fp32(got, want)
+    if before > 1:
+        assert all(len(m.packs) == 2 for m in packed_modules(opt))
 
 
 def test_bad_arguments():

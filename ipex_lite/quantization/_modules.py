@@ -10,12 +10,13 @@ kernel) and fp32 otherwise.  Weights are per-output-channel symmetric int8,
 stored as plain buffers (the state_dict is the int8 model); the oneDNN
 layout is a cache rebuilt after loading.
 """
-import threading
 from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..nn.prepacked import PackCache
 
 onednn = torch.ops.onednn
 ops = torch.ops.ipex_lite
@@ -55,17 +56,7 @@ class _QuantizedLayer(nn.Module):
         self.other_scale, self.other_zero_point = other_qparams if other_qparams else (1.0, 0)
         self.in_quantized = False  # the input arrives as uint8 from an int8 producer
         self.out_dtype = torch.float32  # uint8 when every consumer is an int8 layer
-        self._lock = threading.Lock()
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_cache", None)
-        state.pop("_lock", None)
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self.packs = PackCache()
 
     def _eager_unary(self):
         from ..nn.prepacked import UNARY
@@ -89,14 +80,7 @@ class _QuantizedLayer(nn.Module):
     def _packed(self, x: torch.Tensor):
         key = (self.qweight.data_ptr(), self.qweight._version, self.w_scales._version, self.in_scale,
                self.in_zero_point)
-        cache = self.__dict__.get("_cache")
-        if cache is None or cache[0] != key:
-            with self._lock:
-                cache = self.__dict__.get("_cache")
-                if cache is None or cache[0] != key:
-                    cache = (key, self._prepack(x))
-                    self.__dict__["_cache"] = cache
-        return cache[1]
+        return self.packs.get(key, lambda: self._prepack(x))
 
     def _reference(self, x, other, layer_fn):
         """The same int8 numerics with portable ops, for ``torch.jit.trace``: the TorchScript tracer

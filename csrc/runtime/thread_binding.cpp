@@ -1,0 +1,102 @@
+// Why C++: OpenMP's team size is a per-thread ICV that only omp_set_num_threads
+// in that thread changes (torch.set_num_threads also sets a process-wide value
+// that new threads copy), and a thread's
+// CPU mask must be set by sched_setaffinity on that thread; OpenMP team threads
+// started afterwards inherit it.
+#include "runtime/thread_binding.h"
+
+#include <omp.h>
+#include <sched.h>
+
+#include <vector>
+
+namespace ipex_lite {
+namespace runtime {
+namespace {
+
+PyObject* cpu_list(const cpu_set_t& set) {
+  PyObject* out = PyList_New(0);
+  if (out == nullptr) return nullptr;
+  for (int c = 0; c < CPU_SETSIZE; ++c) {
+    if (!CPU_ISSET(c, &set)) continue;
+    PyObject* v = PyLong_FromLong(c);
+    if (v == nullptr || PyList_Append(out, v) != 0) {
+      Py_XDECREF(v);
+      Py_DECREF(out);
+      return nullptr;
+    }
+    Py_DECREF(v);
+  }
+  return out;
+}
+
+}  // namespace
+
+PyObject* bind_current_thread(PyObject*, PyObject* cpus) {
+  PyObject* seq = PySequence_Fast(cpus, "bind_current_thread: cpus must be a sequence of CPU ids");
+  if (seq == nullptr) return nullptr;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const long c = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+    if (c == -1 && PyErr_Occurred()) {
+      Py_DECREF(seq);
+      return nullptr;
+    }
+    if (c < 0 || c >= CPU_SETSIZE) {
+      Py_DECREF(seq);
+      return PyErr_Format(PyExc_ValueError, "bind_current_thread: CPU id %ld out of range [0, %d)", c,
+                          CPU_SETSIZE);
+    }
+    CPU_SET(static_cast<int>(c), &set);
+  }
+  Py_DECREF(seq);
+  if (n == 0) return PyErr_Format(PyExc_ValueError, "bind_current_thread: empty CPU list");
+  if (sched_setaffinity(0, sizeof(set), &set) != 0) return PyErr_SetFromErrno(PyExc_OSError);
+  Py_RETURN_NONE;
+}
+
+PyObject* current_thread_affinity(PyObject*, PyObject*) {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return PyErr_SetFromErrno(PyExc_OSError);
+  return cpu_list(set);
+}
+
+PyObject* set_thread_num_threads(PyObject*, PyObject* arg) {
+  const long n = PyLong_AsLong(arg);
+  if (n == -1 && PyErr_Occurred()) return nullptr;
+  if (n < 1) return PyErr_Format(PyExc_ValueError, "set_thread_num_threads: need at least 1 thread, got %ld", n);
+  const int previous = omp_get_max_threads();
+  omp_set_num_threads(static_cast<int>(n));
+  return PyLong_FromLong(previous);
+}
+
+PyObject* team_affinities(PyObject*, PyObject*) {
+  std::vector<cpu_set_t> sets;
+  Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel
+  {
+#pragma omp single
+    sets.resize(omp_get_num_threads());
+    cpu_set_t s;
+    CPU_ZERO(&s);
+    sched_getaffinity(0, sizeof(s), &s);
+    sets[omp_get_thread_num()] = s;
+  }
+  Py_END_ALLOW_THREADS
+  PyObject* out = PyList_New(static_cast<Py_ssize_t>(sets.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < sets.size(); ++i) {
+    PyObject* l = cpu_list(sets[i]);
+    if (l == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), l);
+  }
+  return out;
+}
+
+}  // namespace runtime
+}  // namespace ipex_lite

@@ -1,0 +1,4 @@
+"""CPU runtime features (IPEX's ``ipex.cpu`` namespace)."""
+from . import runtime
+
+__all__ = ["runtime"]

@@ -1,0 +1,158 @@
+"""ipex_lite.cpu.runtime: CPU pools, pinning read back from the OS, tasks,
+multi-stream inference equal to the plain model (uneven splits, tiny
+batches, nested inputs/outputs, optimized and int8 models, concurrent
+callers), errors surfacing in the caller."""
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import ipex_lite
+from ipex_lite import _C
+from ipex_lite.cpu.runtime import (CPUPool, MultiStreamModule, MultiStreamModuleHint, Task,
+                                   get_core_list_of_node_id, pin)
+
+CORES = CPUPool().core_ids
+needs_two = pytest.mark.skipif(len(CORES) < 2, reason="needs 2 usable physical cores")
+
+
+def test_pools():
+    assert CORES and set(CORES) <= set(_C.current_thread_affinity())
+    assert CPUPool(node_id=0).core_ids == get_core_list_of_node_id(0)
+    with pytest.raises(ValueError, match="not available"):
+        CPUPool(core_ids=[100000])
+    with pytest.raises(ValueError, match="NUMA node"):
+        get_core_list_of_node_id(999)
+    with pytest.raises(ValueError, match="not both"):
+        CPUPool(core_ids=[CORES[0]], node_id=0)
+    parts = CPUPool().split(len(CORES))
+    assert [p.core_ids for p in parts] == [[c] for c in CORES]
+    with pytest.raises(ValueError):
+        CPUPool().split(len(CORES) + 1)
+
+
+def test_pin_binds_the_thread_and_its_openmp_team_then_restores():
+    before_cpus, before_threads = _C.current_thread_affinity(), torch.get_num_threads()
+    pool = CPUPool(core_ids=[CORES[0]])
+    with pin(pool):
+        assert _C.current_thread_affinity() == [CORES[0]]
+        assert torch.get_num_threads() == 1
+        assert all(cpus == [CORES[0]] for cpus in _C.team_affinities())
+    assert _C.current_thread_affinity() == before_cpus and torch.get_num_threads() == before_threads
+
+
+def test_task_runs_pinned_and_surfaces_errors():
+    pool = CPUPool(core_ids=[CORES[-1]])
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))  # a process-wide count set earlier must not leak into the stream
+    torch.set_num_threads(before)
+    task = Task(lambda: (_C.current_thread_affinity(), _C.team_affinities(), torch.get_num_threads()), pool)
+    cpus, team, threads = task.run_sync()
+    assert cpus == [CORES[-1]] and threads == 1 and all(t == [CORES[-1]] for t in team)
+    lin = nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    t2 = Task(lin, pool)
+    assert torch.equal(t2.run_async(x).result(), lin(x))
+
+    def boom(v):
+        raise KeyError(v)
+    with pytest.raises(KeyError, match="bad"):
+        Task(boom, pool).run_sync("bad")
+    with pytest.raises(TypeError):
+        Task(42, pool)
+
+
+class Nested(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 4), nn.Linear(6, 2)
+
+    def forward(self, pair, extra):
+        x, y = pair
+        h = self.a(x) + extra["bias"]
+        return {"h": h, "both": (self.b(y), h.sum(1, keepdim=True))}
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 5)).eval()
+
+
+@needs_two
+@pytest.mark.parametrize("batch", [5, 2, 1])
+def test_multistream_equals_plain_model(batch):
+    model = _cnn()
+    x = torch.randn(batch, 3, 12, 12)
+    ms = MultiStreamModule(model, num_streams=2)
+    with torch.no_grad():
+        want = torch.cat([model(c) for c in torch.tensor_split(x, min(2, batch))])  # per-chunk, as streams run
+        got = ms(x)
+        torch.testing.assert_close(got, model(x), rtol=1e-6, atol=1e-6)
+    assert torch.equal(got, want)
+
+
+@needs_two
+def test_multistream_nested_inputs_outputs_and_hints():
+    torch.manual_seed(0)
+    model = Nested().eval()
+    x, y = torch.randn(7, 6), torch.randn(7, 6)
+    extra = {"bias": torch.randn(4)}
+    hint = MultiStreamModuleHint((0, 0), {"bias": None})
+    ms = MultiStreamModule(model, num_streams=2, input_split_hint=hint,
+                           output_concat_hint={"h": 0, "both": (0, 0)})
+    with torch.no_grad():
+        got, want = ms((x, y), extra), model((x, y), extra)
+    torch.testing.assert_close(got["h"], want["h"])
+    torch.testing.assert_close(got["both"][0], want["both"][0])
+    torch.testing.assert_close(got["both"][1], want["both"][1])
+    raw = MultiStreamModule(model, num_streams=2, input_split_hint=hint, concat_output=False)
+    with torch.no_grad():
+        assert len(raw((x, y), extra)) == 2
+
+
+@needs_two
+def test_multistream_optimized_int8_and_concurrent_callers():
+    model = _cnn()
+    x = torch.randn(6, 3, 12, 12)
+    opt = ipex_lite.optimize(model)
+    prepared = ipex_lite.quantization.prepare(model, example_inputs=x)
+    with torch.no_grad():
+        prepared(x)
+    int8 = ipex_lite.quantization.convert(prepared)
+    for m in (opt, int8):
+        ms = MultiStreamModule(m, num_streams=2)
+        with torch.no_grad():
+            want = torch.cat([m(c) for c in torch.tensor_split(x, 2)])
+            results = [None] * 4
+
+            def call(i):
+                with torch.no_grad():
+                    results[i] = ms(x)
+            threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert all(torch.equal(r, want) for r in results)
+
+
+@needs_two
+def test_stream_failure_surfaces_in_caller():
+    ms = MultiStreamModule(nn.Linear(4, 2), num_streams=2)
+    with pytest.raises(RuntimeError):
+        ms(torch.randn(4, 5))  # wrong feature size inside both streams
+
+
+def test_auto_and_bad_arguments():
+    model = nn.Linear(3, 3)
+    assert MultiStreamModule(model).num_streams == (1 if len(CORES) < 8 else len(CORES) // 4)
+    with pytest.raises(ValueError, match="num_streams"):
+        MultiStreamModule(model, num_streams=0)
+    with pytest.raises(ValueError, match="cores"):
+        MultiStreamModule(model, num_streams=len(CORES) + 1)
+    with pytest.raises(ValueError, match="empty"):
+        _C.bind_current_thread([])
+    with pytest.raises(ValueError, match="out of range"):
+        _C.bind_current_thread([-1])

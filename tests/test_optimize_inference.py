@@ -440,8 +440,8 @@ def test_sample_input_packs_ahead_and_verbose(capsys):
     assert "ipex_lite.optimize report" in capsys.readouterr().out
 
 
-def test_one_pack_per_thread_count():
-    """oneDNN's weight layout depends on the team size: a pack per size, same results."""
+def test_one_pack_per_thread_count_and_shape():
+    """oneDNN's weight layout depends on the team size and the input shape: a pack per pair, same results."""
     model, x = make("resnet")
     opt = ipex_lite.optimize(model)
     before = torch.get_num_threads()
@@ -453,8 +453,11 @@ def test_one_pack_per_thread_count():
         finally:
             torch.set_num_threads(before)
     assert_close_fp32(got, want)
-    if before > 1:
-        assert all(len(m.packs) == 2 for m in packed_modules(opt))
+    if before > 1:  # a slot per team size; identical layouts share one tensor
+        assert all(len(m.packs.entries) == 2 and 1 <= len(m.packs) <= 2 for m in packed_modules(opt))
+    with torch.no_grad():
+        opt(x[:1])  # another shape: another slot
+    assert all(len(m.packs.entries) == (3 if before > 1 else 2) for m in packed_modules(opt))
 
 
 def test_bad_arguments():

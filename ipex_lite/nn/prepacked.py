@@ -53,13 +53,18 @@ def _hardtanh(lo, hi):
 
 
 class PackCache:
-    """Packed weights per OpenMP team size, rebuilt when the source tensors change.
+    """Packed weights per (OpenMP team size, input shape), rebuilt when the source tensors change.
 
-    oneDNN picks the blocked weight layout for the thread count at packing
-    time, and a layout packed for another count is reordered on every call
-    (measured: a ResNet-50 packed with 2 threads ran 4x slower on 1), so a
-    module used by streams of different sizes keeps one pack per size.
-    Not part of the module's state: deepcopy and pickle start empty."""
+    oneDNN picks the blocked weight layout for the thread count and the input
+    shape at packing time, and a layout packed for other ones is reordered on
+    every call (measured on ResNet-50: packed for 2 threads and run on 1, 4x
+    slower; packed for batch 1 and run at batch 2, 1.9x slower).  So each
+    (threads, shape) gets its pack; packs whose layout is identical (oneDNN's
+    serialized memory descriptor) share one tensor, and at most ``MAX``
+    slots are kept (oldest dropped).  Not part of the module's state:
+    deepcopy and pickle start empty."""
+
+    MAX = 8
 
     def __init__(self):
         self.__setstate__({})
@@ -70,28 +75,41 @@ class PackCache:
     def __setstate__(self, state):
         self.lock = threading.Lock()
         self.key = None
-        self.entries = {}
+        self.entries = {}  # (threads, shape) -> (packed value, layout descriptor or None)
 
-    def get(self, key, build):
-        threads = torch.get_num_threads()  # the calling thread's OpenMP team size
+    def get(self, key, build, shape=()):
+        slot = (torch.get_num_threads(), tuple(shape))  # the calling thread's OpenMP team size
         if self.key == key:
-            entry = self.entries.get(threads)
+            entry = self.entries.get(slot)
             if entry is not None:
-                return entry
+                return entry[0]
         with self.lock:
             if self.key != key:
                 self.key, self.entries = key, {}
-            entry = self.entries.get(threads)
+            entry = self.entries.get(slot)
             if entry is None:
-                entry = self.entries[threads] = build()
-            return entry
+                entry = self._shared(build())
+                if len(self.entries) >= self.MAX:
+                    self.entries.pop(next(iter(self.entries)))
+                self.entries[slot] = entry
+            return entry[0]
+
+    def _shared(self, value):
+        packed = value[0] if isinstance(value, tuple) else value
+        if not (isinstance(packed, torch.Tensor) and packed.is_mkldnn):
+            return value, None
+        layout = mkldnn._get_mkldnn_serialized_md(packed)
+        for other, other_layout in self.entries.values():
+            if other_layout is not None and torch.equal(other_layout, layout):
+                return other, other_layout
+        return value, layout
 
     def clear(self) -> None:
         with self.lock:
             self.key, self.entries = None, {}
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len({id(v) for v, _ in self.entries.values()})
 
 
 def _bn_scale_shift(bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +183,7 @@ class _Packed(nn.Module):
             with torch.no_grad():
                 w, b = self._folded()
                 return self._reorder(w.to(self.dtype).contiguous(), x), None if b is None else b.to(self.dtype)
-        return self.packs.get(self._key(), build)
+        return self.packs.get(self._key(), build, x.shape)
 
     def set_compute_dtype(self, dtype: torch.dtype, out_dtype: Optional[torch.dtype] = None) -> None:
         """Compute in ``dtype`` (packed weights rebuilt on the next call), return ``out_dtype``."""

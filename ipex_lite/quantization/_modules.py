@@ -80,7 +80,7 @@ class _QuantizedLayer(nn.Module):
     def _packed(self, x: torch.Tensor):
         key = (self.qweight.data_ptr(), self.qweight._version, self.w_scales._version, self.in_scale,
                self.in_zero_point)
-        return self.packs.get(key, lambda: self._prepack(x))
+        return self.packs.get(key, lambda: self._prepack(x), x.shape)
 
     def _reference(self, x, other, layer_fn):
         """The same int8 numerics with portable ops, for ``torch.jit.trace``: the TorchScript tracer

@@ -237,7 +237,9 @@ class MultiStreamModule(nn.Module):
     """Splits the batch over ``num_streams`` streams (each a Task pinned to its share of
     ``cpu_pool``), runs them concurrently on one shared copy of the weights and joins
     the outputs.  ``num_streams="AUTO"`` uses one stream per 4 cores (one stream below 8
-    cores, where splitting a small machine rarely pays)."""
+    cores, where splitting a small machine rarely pays).  A batch smaller than the
+    number of streams runs unsplit on the calling thread (the process's thread count),
+    so a lone sample does not run on one stream's share of the cores."""
 
     def __init__(self, model: nn.Module, num_streams: Union[int, str] = "AUTO", cpu_pool: Optional[CPUPool] = None,
                  concat_output: bool = True, input_split_hint: Optional[MultiStreamModuleHint] = None,
@@ -268,9 +270,12 @@ class MultiStreamModule(nn.Module):
     def forward(self, *args, **kwargs):
         arg_hints, kw_hints = self._arg_hints(args, kwargs)
         batch = _batch_size(list(args) + list(kwargs.values()), arg_hints + list(kw_hints.values()))
-        n = self.num_streams if batch is None else max(1, min(self.num_streams, batch))
-        if n == 1:
+        if self.num_streams == 1:
             return self.tasks[0].run_sync(*args, **kwargs)
+        if batch is not None and batch < self.num_streams:
+            # too small to occupy every stream: one stream would leave cores idle, so run it here on all
+            return self.model(*args, **kwargs)
+        n = self.num_streams
         split_args = [_split(a, h, n) for a, h in zip(args, arg_hints)]
         split_kwargs = {k: _split(v, kw_hints[k], n) for k, v in kwargs.items()}
         futures = [self.tasks[i].run_async(*[a[i] for a in split_args], **{k: v[i] for k, v in split_kwargs.items()})

@@ -177,7 +177,7 @@ def _packable(mod: nn.Module) -> bool:
 def _describe(layer, bn, unary, binary) -> str:
     parts = [type(layer).__name__]
     if bn is not None:
-        parts.append(f"{type(bn).__name__} folded")
+        parts.append(f"{bn if isinstance(bn, str) else type(bn).__name__} folded")
     if binary:
         parts.append("residual add fused")
     if unary:
@@ -321,11 +321,11 @@ def _rewrite_sequential(seq: nn.Sequential, prefix: str, knobs: Knobs, report: R
         j = i + 1
         bn = unary = spec = None
         fold = knobs.linear_bn_folding if isinstance(layer, nn.Linear) else knobs.conv_bn_folding
+        folded_type = None
         if fold and j < len(names) and _bn_foldable(layer, seq._modules[names[j]]):
-            bn = seq._modules[names[j]]
-            seq._modules[names[j]] = FoldedBatchNorm(bn)
-            report.add(_join(prefix, names[j]), "folded", f"into {_join(prefix, names[i])}")
-            bn = seq._modules[names[j]]
+            folded_type = type(seq._modules[names[j]]).__name__
+            bn = seq._modules[names[j]] = FoldedBatchNorm(seq._modules[names[j]])
+            report.add(_join(prefix, names[j]), "folded", f"{folded_type} into {_join(prefix, names[i])}")
             j += 1
         if knobs.fuse_post_ops and j < len(names):
             act = _activation_of_module(seq._modules[names[j]])
@@ -335,7 +335,7 @@ def _rewrite_sequential(seq: nn.Sequential, prefix: str, knobs: Knobs, report: R
                 j += 1
         seq._modules[names[i]] = _make_packed(layer, bn, unary, spec, False, knobs)
         report.add(_join(prefix, names[i]), "prepacked" if knobs.weights_prepack else "folded",
-                   _describe(layer, bn, unary, False))
+                   _describe(layer, folded_type, unary, False))
         i = j
 
 

@@ -211,3 +211,58 @@ def _quantize_fake(input, scale, zero_point, dtype):
 @torch.library.register_fake("ipex_lite::dequantize_per_tensor")
 def _dequantize_fake(input, scale, zero_point):
     return torch.empty_like(input, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- vision
+@torch.library.register_fake("ipex_lite::frozen_batch_norm")
+def _frozen_bn_fake(input, weight, bias, running_mean, running_var, eps):
+    torch._check(input.dim() >= 2, lambda: "frozen_batch_norm: input must be (N, C, ...)")
+    cl = input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
+    return torch.empty_like(input, memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+def _frozen_bn_setup(ctx, inputs, output):
+    _, weight, bias, running_mean, running_var, eps = inputs
+    ctx.save_for_backward(weight, running_var)
+    ctx.eps = eps
+
+
+def _frozen_bn_backward(ctx, grad):
+    weight, running_var = ctx.saved_tensors
+    zeros = torch.zeros_like(running_var)
+    # d(x * scale + shift)/dx = scale: the same affine with a zero shift
+    return ops.frozen_batch_norm(grad, weight, zeros, zeros, running_var, ctx.eps), None, None, None, None, None
+
+
+torch.library.register_autograd("ipex_lite::frozen_batch_norm", _frozen_bn_backward, setup_context=_frozen_bn_setup)
+
+
+@torch.library.register_fake("ipex_lite::roi_align_forward")
+def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    torch._check(input.dim() == 4, lambda: "roi_align_forward: input must be (N, C, H, W)")
+    torch._check(rois.dim() == 2 and rois.shape[1] == 5, lambda: "roi_align_forward: rois must be (K, 5)")
+    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+
+
+@torch.library.register_fake("ipex_lite::roi_align_backward")
+def _roi_align_backward_fake(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height,
+                             width, sampling_ratio, aligned, channels_last):
+    out = grad.new_empty((batch_size, channels, height, width))
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def _roi_align_setup(ctx, inputs, output):
+    input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned = inputs
+    ctx.save_for_backward(rois)
+    ctx.args = (spatial_scale, pooled_height, pooled_width, *input.shape, sampling_ratio, aligned,
+                not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last))
+
+
+def _roi_align_backward(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    scale, ph, pw, n, c, h, w, sampling_ratio, aligned, channels_last = ctx.args
+    grad_input = ops.roi_align_backward(grad, rois, scale, ph, pw, n, c, h, w, sampling_ratio, aligned, channels_last)
+    return grad_input, None, None, None, None, None, None
+
+
+torch.library.register_autograd("ipex_lite::roi_align_forward", _roi_align_backward, setup_context=_roi_align_setup)

@@ -3,7 +3,9 @@ from typing import Sequence, Union
 
 import torch
 
-__all__ = ["interaction"]
+from .vision import roi_align
+
+__all__ = ["interaction", "roi_align"]
 
 
 def interaction(*tensors: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:

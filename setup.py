@@ -34,6 +34,11 @@ OP_CFLAGS = ["-O2", "-Wall", "-Wno-unknown-pragmas"]
 # OpenMP pool.  The libgomp.so.1 we link against resolves at run time to the
 # one torch already loaded (same SONAME), so there is a single thread pool.
 OPENMP_FLAGS = ["-fopenmp"]
+# `make sanitize`: AddressSanitizer + UndefinedBehaviorSanitizer on every object (UB is fatal)
+SANITIZE_FLAGS = (["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+                  if os.environ.get("IPEX_LITE_SANITIZE") == "1" else [])
+KERNEL_CFLAGS += SANITIZE_FLAGS
+OP_CFLAGS += SANITIZE_FLAGS
 
 
 def _is_x86():
@@ -109,7 +114,7 @@ def make_extension(levels):
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=macros,
         extra_compile_args={"cxx": list(OP_CFLAGS) + OPENMP_FLAGS},
-        extra_link_args=OPENMP_FLAGS,
+        extra_link_args=OPENMP_FLAGS + SANITIZE_FLAGS,
         # Kernel objects are linked in as extra_objects: list their sources so a
         # kernel-only change relinks the module.
         depends=glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/kernels/*.cpp"),

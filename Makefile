@@ -35,6 +35,7 @@ $(DEPS_STAMP):
 	$(VPIP) install $(PIP_ARGS) "$(TORCH_SPEC)" numpy pytest hypothesis ninja "setuptools>=64" wheel
 	@# scikit-learn ships the real dataset (digits) of the int8 accuracy tests; they skip without it
 	$(VPIP) install $(PIP_ARGS) scikit-learn || echo "make: scikit-learn not installable here; real-data int8 accuracy tests will skip"
+	$(VPIP) install $(PIP_ARGS) matplotlib || echo "make: matplotlib not installable here; the benchmark report will have no charts"
 	@rm -f $(VENV)/.deps-*
 	@touch "$@"
 
@@ -68,14 +69,9 @@ demo: build
 	$(VENV)/bin/ipex-lite-run --throughput-mode tutorials/quickstart.py
 	$(VENV)/bin/ipex-lite-run --throughput-mode bench/dlrm.py --quick --no-compile --no-train
 
+# every bench/ script, then bench/report/REPORT.md + charts (`python -m bench --quick`: ~2 minutes)
 bench: build
-	$(VPY) bench/models.py
-	$(VPY) bench/int8.py
-	$(VPY) bench/interaction.py
-	$(VPY) bench/embedding_bag.py
-	$(VPY) bench/dlrm.py
-	$(VPY) bench/optimizers.py
-	$(VPY) bench/launcher.py
+	$(VPY) -m bench
 
 # ASan + UBSan build of the extension in .sanitize/ (a copy of the tracked tree, so the normal
 # build is untouched), then the op test files under it.  Python itself is not instrumented: the

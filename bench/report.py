@@ -29,6 +29,7 @@ SCRIPTS = {
     "optimizers": ([], ["--quick", "--params", "10000000", "--no-whole-step"]),
     "vision": ([], ["--quick"]),
     "runtime": ([], ["--quick", "--model", "resnet50", "--batches", "2"]),
+    "launcher": ([], ["--quick"]),
 }
 
 
@@ -54,12 +55,31 @@ def run_script(name: str, args: List[str], timeout: int) -> Dict:
         tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
         return {"script": name, "error": f"exit {r.returncode}: " + " | ".join(tail)}
     doc["script"], doc["seconds"] = name, round(time.time() - t0, 1)
+    if name == "launcher":
+        return _launcher_doc(doc)
     if "reference" not in doc:  # bench/runtime.py: rows per stream count, ratio vs one stream
         doc["title"], doc["reference"] = "multi-stream inference", "1 stream"
         doc["rows"] = [{"workload": f"{r['model']} batch {r['batch']}",
                         "system": "1 stream" if r["streams"] == 1 else f"{r['streams']} streams",
                         "median_ms": r["p50 ms"], "ratio": r["ratio"], "p99_ms": r["p99 ms"]} for r in doc["rows"]]
     return doc
+
+
+def _launcher_doc(raw: Dict) -> Dict:
+    """bench/launcher.py prints {"<allocator> <instances>x<cores>": [items/s per run]}: one row per
+    allocator and layout, ratio vs the default malloc in the same layout."""
+    import statistics
+    med = {k: statistics.median(v) for k, v in raw.items() if isinstance(v, list) and v}
+    rows = []
+    for key, v in med.items():
+        alloc, layout = key.rsplit(" ", 1)
+        base = med.get(f"default {layout}")
+        system = "default malloc" if alloc == "default" else f"ipex_lite launcher + {alloc}"
+        rows.append({"workload": f"{layout.replace('x', ' instance(s) x ')} core(s)", "system": system,
+                     "median_ms": 1e3 / v, "ratio": v / base if base else float("nan"), "items/s": v})
+    return {"script": "launcher", "title": "allocation-heavy inference loop under ipex-lite-run",
+            "reference": "default malloc", "rows": rows, "seconds": raw.get("seconds"),
+            "notes": ["median_ms = milliseconds per item (1 / throughput summed over instances)"]}
 
 
 def ipex_status() -> str:

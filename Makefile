@@ -87,7 +87,7 @@ sanitize: venv
 		../$(VPY) -m pytest -q -p no:cacheprovider $(SANITIZE_TESTS)
 
 clean:
-	rm -rf build *.egg-info .pytest_cache .hypothesis bench/report .sanitize
+	rm -rf build *.egg-info .pytest_cache .hypothesis .sanitize
 	rm -f ipex_lite/_C*.so
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 

@@ -180,6 +180,28 @@ class _SplitStateDictHooks:
         self.pending = {}
 
 
+def _all_or_nothing(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """load_state_dict pre-hook on the optimized model's root: a checkpoint with a tensor of the
+    wrong shape, or a value that is not a tensor, is refused before any tensor is copied, so the
+    failed load leaves the model as it was (stock loading copies every matching tensor first and
+    reports the rest afterwards).  Missing / unexpected keys stay stock behaviour: hooks are not
+    told whether the caller asked for strict loading."""
+    if prefix:
+        return
+    problems = []
+    for key, value in module.state_dict(keep_vars=True).items():
+        if key not in state_dict:
+            continue
+        got = state_dict[key]
+        if not torch.is_tensor(got):
+            problems.append(f"{key!r} is a {type(got).__name__}, not a tensor")
+        elif got.shape != value.shape:
+            problems.append(f"{key!r} has shape {tuple(got.shape)}, the model has {tuple(value.shape)}")
+    if problems:
+        raise RuntimeError("load_state_dict: the checkpoint does not match this model; nothing was loaded: "
+                           + "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else ""))
+
+
 class _Hook:
     """Picklable bound hook (the public hook API tags callables with attributes)."""
 
@@ -201,6 +223,7 @@ def _optimize_inference(model, dtype, level, inplace, sample_input, verbose, aut
     if level == "O0" and not any(v for v in explicit.values()) and knobs.dtype == torch.float32:
         return model
     model = optimize_for_inference(model, knobs, sample_input)
+    model.register_load_state_dict_pre_hook(_all_or_nothing)
     if verbose:
         print(_explain(model))
     return model
@@ -252,6 +275,7 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, optimizer=No
     optimizer = _rebuild_fused(optimizer, fused_cls, param_map)
     split = dtype == torch.bfloat16 and split_master_weight_for_bf16 is not False
     _fuse_embedding_sgd(model, optimizer, split)
+    model.register_load_state_dict_pre_hook(_all_or_nothing)
     if split:
         hooks = _SplitStateDictHooks(optimizer, _split_params(model, optimizer))
         post = getattr(model, "register_state_dict_post_hook", None) or model._register_state_dict_hook

@@ -304,3 +304,15 @@ def test_split_bf16_tracks_fp32_on_real_data_where_plain_bf16_stalls():
     (loss32, acc32), (loss_split, acc_split), (loss_plain, _) = run("fp32"), run("split"), run("plain")
     assert abs(acc_split - acc32) <= 0.5 and abs(loss_split - loss32) <= 0.01 * loss32, (loss32, loss_split)
     assert loss_plain >= 1.3 * loss32, (loss32, loss_plain)
+
+
+def test_split_model_refuses_a_mismatched_checkpoint_whole():
+    base = make_model()
+    m, o = ipex_lite.optimize(base, dtype=torch.bfloat16, optimizer=torch.optim.SGD(base.parameters(), lr=0.1))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    bad = make_model(seed=3).state_dict()
+    last = list(bad)[-1]
+    bad[last] = torch.zeros(7)
+    with pytest.raises(RuntimeError, match="nothing was loaded"):
+        m.load_state_dict(bad)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())

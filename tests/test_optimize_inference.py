@@ -245,6 +245,26 @@ def test_state_dict_keys_values_and_reload():
         assert_close_fp32(stock(x), other(x))
 
 
+def test_mismatched_checkpoint_loads_nothing():
+    model, x = make("resnet")
+    opt = ipex_lite.optimize(model)
+    before = {k: v.clone() for k, v in opt.state_dict().items()}
+    other, _ = make("resnet", seed=5)
+    bad = other.state_dict()
+    bad["fc.weight"] = torch.zeros(3, 3)  # wrong shape, after every conv key in order
+    with pytest.raises(RuntimeError, match="nothing was loaded.*fc.weight"):
+        opt.load_state_dict(bad)
+    assert all(torch.equal(before[k], v) for k, v in opt.state_dict().items())
+    bad["fc.weight"] = "not a tensor"
+    with pytest.raises(RuntimeError, match="not a tensor"):
+        opt.load_state_dict(bad)
+    assert all(torch.equal(before[k], v) for k, v in opt.state_dict().items())
+    partial = dict(other.state_dict())
+    partial.pop("stem.0.weight")
+    opt.load_state_dict(partial, strict=False)  # missing keys: stock behaviour, the rest loads
+    assert torch.equal(opt.state_dict()["fc.weight"], other.state_dict()["fc.weight"])
+
+
 def test_user_model_untouched_and_inplace():
     model, x = make("resnet")
     before = copy.deepcopy(model.state_dict())

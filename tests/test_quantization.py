@@ -229,6 +229,14 @@ def test_qconf_summary_round_trip(tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="nope"):
         fresh.load_qconf_summary(str(path))
+    del doc["layers"]["nope"]
+    kept = fresh.observers["conv2"].input.range()
+    doc["layers"]["conv2"]["input"]["min"] = doc["layers"]["conv2"]["input"]["max"] + 5.0  # min > max
+    doc["layers"]["conv1"]["input"]["max"] = 123.0
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="conv2.input has min"):
+        fresh.load_qconf_summary(str(path))
+    assert fresh.observers["conv2"].input.range() == kept and fresh.observers["conv1"].input.range()[1] != 123.0
 
 
 def test_minmax_dynamic_and_skipped_modules():

@@ -130,13 +130,22 @@ class PreparedModel(nn.Module):
         unknown = sorted(set(layers) - set(self.observers))
         if unknown:
             raise ValueError(f"load_qconf_summary: layers not in this model: {unknown[:5]}")
+        updates = []  # parsed and checked in full before any observer changes: a bad file loads nothing
         for name, entry in layers.items():
             obs = self.observers[name]
             if obs is None or entry.get("dynamic"):
                 continue
             for key, attr in (("input", "input"), ("output", "output"), ("residual", "other")):
                 if key in entry and getattr(obs, attr) is not None:
-                    setattr(obs, attr, FixedRange(entry[key]["min"], entry[key]["max"]))
+                    try:
+                        lo, hi = float(entry[key]["min"]), float(entry[key]["max"])
+                    except (KeyError, TypeError, ValueError) as e:
+                        raise ValueError(f"load_qconf_summary: {name}.{key} needs numeric 'min' and 'max' ({e})")
+                    if not lo <= hi:
+                        raise ValueError(f"load_qconf_summary: {name}.{key} has min {lo} > max {hi}")
+                    updates.append((obs, attr, FixedRange(lo, hi)))
+        for obs, attr, observer in updates:
+            setattr(obs, attr, observer)
 
 
 def prepare(model: nn.Module, qconfig_mapping: QConfigMapping = default_static_qconfig_mapping,

@@ -1,6 +1,8 @@
 # ipex_lite: `make test`, `make demo`, `make bench`; each creates/updates .venv itself.
 #
 #   make test TORCH_SPEC="torch==2.8.0"   # build and test against another torch
+#   make test TORCH_SPEC="torch==2.8.0" VENV=.venv-torch2.8   # ... in its own venv (the in-place
+#                                         # extension is rebuilt whenever the torch in use changes)
 #   make test PYTHON=python3.12           # base interpreter for a new .venv
 #
 # The venv is (re)populated only when TORCH_SPEC changes (stamp .venv/.deps-<spec>).
@@ -10,7 +12,7 @@
 PYTHON     ?= python3
 TORCH_SPEC ?= torch==2.13.0
 PIP_ARGS   ?=
-VENV       := .venv
+VENV       ?= .venv
 VPY        := $(VENV)/bin/python
 VPIP       := $(VPY) -m pip
 
@@ -41,8 +43,8 @@ $(DEPS_STAMP):
 
 # 1. Editable install when the venv does not have ipex_lite installed from this checkout.
 # 2. build_ext --inplace every time; --force (ninja still recompiles only what changed, then
-#    relinks) when the .so is missing or older than csrc/, setup.py or the deps stamp, since
-#    setuptools alone does not notice kernel-only edits or a new torch.
+#    relinks) when the .so is missing, older than csrc/, setup.py or the deps stamp, or was built
+#    for another venv/torch (build/.built-for), since setuptools alone notices none of these.
 build: venv
 	@if ! "$(VPY)" -c "import importlib.metadata as m, json, os, sys, urllib.parse as up; \
 d = m.distribution('ipex_lite'); u = json.loads(d.read_text('direct_url.json') or '{}'); \
@@ -53,11 +55,13 @@ sys.exit(0 if u.get('dir_info', {}).get('editable') and here == os.path.realpath
 		$(VPIP) install $(PIP_ARGS) --no-build-isolation --no-deps -e . ; \
 	fi
 	@so=$$(ls ipex_lite/_C*.so 2>/dev/null | head -n 1); force=; \
-	if [ -z "$$so" ] || [ -n "$$(find csrc setup.py $(DEPS_STAMP) -newer "$$so" -print -quit 2>/dev/null)" ]; then \
+	want="$$("$(VPY)" -c 'import sys, torch; print(sys.prefix, torch.__version__)')"; \
+	if [ -z "$$so" ] || [ "$$(cat build/.built-for 2>/dev/null)" != "$$want" ] \
+			|| [ -n "$$(find csrc setup.py $(DEPS_STAMP) -newer "$$so" -print -quit 2>/dev/null)" ]; then \
 		force=--force; \
 	fi; \
 	echo "$(VPY) setup.py build_ext --inplace $$force"; \
-	"$(VPY)" setup.py build_ext --inplace $$force
+	"$(VPY)" setup.py build_ext --inplace $$force && mkdir -p build && echo "$$want" > build/.built-for
 
 test: build
 	$(VPY) -m pytest -q tests

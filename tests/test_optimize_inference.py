@@ -12,7 +12,7 @@ from torch import nn
 
 import ipex_lite
 from ipex_lite._inference import FoldedBatchNorm
-from ipex_lite.nn.prepacked import PackedConv, PackedConvTranspose, PackedLinear, _Packed
+from ipex_lite.nn.prepacked import PackedConv, PackedLinear, _Packed
 
 
 def _randomize_bn(model, seed=0):

@@ -49,6 +49,12 @@ examples:
   # a non-Python program, 2 instances x 4 cores
   ipex-lite-run --no-python --ninstances 2 --ncores-per-instance 4 ./bench_binary --iters 100
 
+  # distributed data parallel: 2 ranks on this node (gloo over 127.0.0.1), each on its own cores
+  ipex-lite-run --nproc-per-node 2 tutorials/dlrm_distributed.py
+
+  # node 1 of 2, 4 ranks per node, rank 0 on host n0
+  ipex-lite-run --nnodes 2 --node-rank 1 --nproc-per-node 4 --master-addr n0 train.py
+
 Each instance sees IPEX_LITE_INSTANCE_IDX=<i> and OMP_NUM_THREADS=<its core count>.  Variables
 already exported (OMP_NUM_THREADS, MALLOC_CONF, KMP_*, ...) are kept, with a warning; LD_PRELOAD
 is extended.
@@ -91,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "affinity variables only) (default: %(default)s)")
     r.add_argument("--benchmark", action="store_true",
                    help="benchmark settings: jemalloc keeps freed pages (no decay)")
+    d = p.add_argument_group("distributed (torch.distributed env:// rendezvous, as torchrun sets it up)")
+    d.add_argument("--nproc-per-node", type=int, default=None,
+                   help="ranks on this node: one instance each, with RANK / LOCAL_RANK / WORLD_SIZE / "
+                        "MASTER_ADDR / MASTER_PORT set")
+    d.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default: %(default)s)")
+    d.add_argument("--node-rank", type=int, default=0, help="this node's index (default: %(default)s)")
+    d.add_argument("--master-addr", default="127.0.0.1", help="rank 0's address (default: %(default)s)")
+    d.add_argument("--master-port", type=int, default=29500, help="rank 0's port (default: %(default)s)")
     o = p.add_argument_group("program and output")
     o.add_argument("--log-dir", default=None, help="write each instance's stdout+stderr to a file in this dir")
     o.add_argument("--log-file-prefix", default="run", help="log file name prefix (default: %(default)s)")
@@ -158,9 +172,35 @@ def log_path(args: argparse.Namespace, instance: Instance) -> Optional[str]:
     return os.path.join(args.log_dir, name)
 
 
+def distributed_env(args: argparse.Namespace, local_rank: int) -> Dict[str, str]:
+    """The env:// rendezvous variables torchrun gives each worker (static membership, no elastic restarts)."""
+    n = args.nproc_per_node
+    return {"RANK": str(args.node_rank * n + local_rank), "LOCAL_RANK": str(local_rank),
+            "WORLD_SIZE": str(args.nnodes * n), "LOCAL_WORLD_SIZE": str(n), "GROUP_RANK": str(args.node_rank),
+            "MASTER_ADDR": args.master_addr, "MASTER_PORT": str(args.master_port)}
+
+
+def _check_distributed(args: argparse.Namespace) -> None:
+    if args.nproc_per_node is None:
+        if args.nnodes != 1 or args.node_rank != 0:
+            raise LauncherError("--nnodes / --node-rank need --nproc-per-node")
+        return
+    if args.nproc_per_node < 1 or args.nnodes < 1:
+        raise LauncherError("--nproc-per-node and --nnodes must be at least 1")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise LauncherError(f"--node-rank {args.node_rank} must lie in [0, --nnodes {args.nnodes})")
+    if not 0 < args.master_port < 65536:
+        raise LauncherError(f"--master-port {args.master_port} is not a TCP port")
+    if args.latency_mode or args.throughput_mode or args.ninstances not in (None, args.nproc_per_node):
+        raise LauncherError("--nproc-per-node sets the number of instances; drop --ninstances / "
+                            "--latency-mode / --throughput-mode")
+    args.ninstances = args.nproc_per_node
+
+
 def prepare(args: argparse.Namespace, info: CPUInfo, lib_dirs: Sequence[str],
             which: Callable[[str], Optional[str]], environ: Mapping[str, str]) -> List[Launch]:
     """Plan, resolve the runtime and build every instance's command and environment."""
+    _check_distributed(args)
     instances = plan_instances(info, args)
     manager = choose_manager(args.multi_task_manager, which)
     if args.bind_numa_node and manager != "numactl":
@@ -172,6 +212,8 @@ def prepare(args: argparse.Namespace, info: CPUInfo, lib_dirs: Sequence[str],
         wanted = instance_env(inst.cores, runtime, inst.index, benchmark=args.benchmark,
                               bound=manager != "none")
         changes, kept = resolve_env(wanted, runtime, environ)
+        if args.nproc_per_node is not None:  # per-rank values always win over inherited ones
+            changes.update(distributed_env(args, inst.index))
         for name, values in kept.items():
             kept_all.setdefault(name, values)
         launches.append(Launch(inst, build_argv(inst, args, manager), changes, log_path(args, inst)))

@@ -1,0 +1,79 @@
+"""Data-parallel training of ipex_lite-optimized models with torch.distributed (gloo on CPU,
+oneCCL where its bindings are installed).  Launch the workers with ``ipex-lite-run
+--nproc-per-node N script.py`` (each rank pinned to its cores, env:// rendezvous variables set).
+
+    torch.distributed.init_process_group("gloo")
+    model, opt = ipex_lite.optimize(model, optimizer=opt, dtype=torch.bfloat16)
+    model = ipex_lite.distributed.wrap_ddp(model, opt)          # fp32 all-reduce of bf16 gradients
+
+What DDP alone gets wrong with split-BF16, and this module handles:
+* DDP broadcasts the module's parameters from rank 0 (the bf16 top halves) but not the
+  optimizer's trails, so ranks would hold different fp32 masters: ``wrap_ddp`` broadcasts them.
+* bf16 gradients summed in bf16 over many ranks lose bits: the comm hook sums in fp32
+  (``allreduce_dtype``), or in bf16 when asked and the backend supports it.
+* Updates applied inside backward (``fuse_update_step``, fused-SGD embedding tables) would use
+  a rank's local gradient before the all-reduce: ``optimize()`` does not fuse them when a
+  process group with more than one rank exists, and ``wrap_ddp`` refuses a model that has them.
+"""
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["allreduce_hook", "broadcast_master_weights", "wrap_ddp", "is_multi_rank"]
+
+
+def is_multi_rank() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def allreduce_hook(state: torch.dtype, bucket):
+    """DDP communication hook averaging each gradient bucket across ranks, summed in ``state``
+    (the dtype: torch.float32 gives exact sums of bf16 gradients; torch.bfloat16 half the bytes
+    on the wire, for backends that reduce bf16).  ``ddp.register_comm_hook(torch.float32, allreduce_hook)``."""
+    world = dist.get_world_size()
+    buf = bucket.buffer()
+    wide = buf.to(state).div_(world)
+    fut = dist.all_reduce(wide, async_op=True).get_future()
+
+    def done(f):
+        buf.copy_(f.value()[0])
+        return buf
+    return fut.then(done)
+
+
+@torch.no_grad()
+def broadcast_master_weights(optimizer: torch.optim.Optimizer, src: int = 0, group=None) -> None:
+    """Every rank takes rank ``src``'s low halves (trails) of split-BF16 parameters, so the fp32
+    masters agree bit for bit (DDP itself broadcasts only the module's bf16 top halves)."""
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            trail = optimizer.state.get(p, {}).get("trail")
+            if trail is not None:
+                dist.broadcast(trail.view(torch.uint8), src, group=group)  # raw bits; gloo has no int16
+
+
+def wrap_ddp(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+             allreduce_dtype: torch.dtype = torch.float32, **ddp_kwargs) -> nn.parallel.DistributedDataParallel:
+    """``DistributedDataParallel(model)`` with the gradient all-reduce in ``allreduce_dtype`` and, for
+    a split-BF16 model, the optimizer's trails broadcast from rank 0."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("wrap_ddp: call torch.distributed.init_process_group first")
+    from .nn.modules import SGDEmbeddingBag
+    fused = [name for name, m in model.named_modules() if isinstance(m, SGDEmbeddingBag)]
+    if fused:
+        raise ValueError(f"wrap_ddp: {fused[:3]} update inside backward with the local gradient only; optimize() "
+                         "the model after init_process_group so that tables keep dense gradients")
+    if optimizer is not None and any(p._post_accumulate_grad_hooks for g in optimizer.param_groups
+                                     for p in g["params"] if getattr(p, "_post_accumulate_grad_hooks", None)):
+        raise ValueError("wrap_ddp: fuse_update_step=True updates before the all-reduce; optimize without it")
+    if allreduce_dtype == torch.bfloat16 and dist.get_backend() == "gloo":
+        raise ValueError("wrap_ddp: gloo does not reduce bfloat16; use allreduce_dtype=torch.float32")
+    if allreduce_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"wrap_ddp: allreduce_dtype must be torch.float32 or torch.bfloat16, got {allreduce_dtype}")
+    ddp = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+    ddp.register_comm_hook(allreduce_dtype, allreduce_hook)
+    if optimizer is not None:
+        broadcast_master_weights(optimizer, 0)
+    return ddp

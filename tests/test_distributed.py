@@ -1,0 +1,96 @@
+"""Data-parallel training across processes (gloo on 127.0.0.1, started by ipex-lite-run):
+identical masters on every rank, the same result as one rank on the whole batch, a dead rank
+failing the others with an error instead of a hang, and the guards of wrap_ddp / optimize."""
+import datetime
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import ipex_lite
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TUTORIAL = os.path.join(ROOT, "tutorials", "dlrm_distributed.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, nproc, timeout=240, env=None):
+    cmd = [sys.executable, "-m", "ipex_lite.launcher", "--nproc-per-node", str(nproc), "--master-port",
+           str(free_port()), TUTORIAL, *args]
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                       env=dict(os.environ, **(env or {})))
+    return r, time.time() - t0
+
+
+def test_two_ranks_agree_and_match_one_rank(tmp_path):
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    r1, _ = launch(["--steps", "4", "--save", str(one)], 1)
+    assert r1.returncode == 0, r1.stderr
+    r2, _ = launch(["--steps", "4", "--save", str(two)], 2)
+    assert r2.returncode == 0, r2.stderr
+    assert "master weights agree on every rank" in r2.stdout
+    a, b = torch.load(one), torch.load(two)
+    assert a.keys() == b.keys() and all(v.dtype == torch.float32 for v in b.values())
+    # same global batches; bf16 compute on half batches vs whole ones rounds differently
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=2e-2, atol=2e-3, msg=k)
+
+
+def test_a_dead_rank_fails_the_others_instead_of_hanging():
+    r, seconds = launch(["--steps", "6", "--die-at-step", "2"], 2, env={"DIST_TIMEOUT": "20"})
+    assert r.returncode != 0
+    assert seconds < 120, seconds
+    assert "exiting at step 2 on purpose" in r.stdout
+    assert "Error" in r.stderr or "error" in r.stderr
+
+
+def test_launcher_sets_rank_variables():
+    r = subprocess.run([sys.executable, "-m", "ipex_lite.launcher", "--nproc-per-node", "2", "--nnodes", "3",
+                        "--node-rank", "1", "--master-addr", "10.0.0.5", "--master-port", "1234",
+                        "--multi-task-manager", "none", "--dry-run", "x.py"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for needle in ("RANK=2 ", "RANK=3 ", "LOCAL_RANK=1", "WORLD_SIZE=6", "MASTER_ADDR=10.0.0.5", "MASTER_PORT=1234"):
+        assert needle in r.stdout, needle
+    bad = subprocess.run([sys.executable, "-m", "ipex_lite.launcher", "--nproc-per-node", "2", "--node-rank", "2",
+                          "--dry-run", "x.py"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--node-rank" in bad.stderr
+
+
+@pytest.fixture
+def one_rank_group():
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=30))
+    yield
+    dist.destroy_process_group()
+
+
+def test_wrap_ddp_guards(one_rank_group):
+    base = nn.Sequential(nn.EmbeddingBag(50, 8, mode="sum"), nn.Linear(8, 1))
+    model, opt = ipex_lite.optimize(base.train(), optimizer=torch.optim.SGD(base.parameters(), lr=0.1),
+                                    dtype=torch.bfloat16)
+    # one rank: optimize() fused the plain-SGD table into backward, which DDP must not see
+    with pytest.raises(ValueError, match="local gradient"):
+        ipex_lite.distributed.wrap_ddp(model, opt)
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)).train()
+    m2, o2 = ipex_lite.optimize(mlp, optimizer=torch.optim.SGD(mlp.parameters(), lr=0.1), dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="gloo"):
+        ipex_lite.distributed.wrap_ddp(m2, o2, allreduce_dtype=torch.bfloat16)
+    ddp = ipex_lite.distributed.wrap_ddp(m2, o2)
+    x = torch.randn(16, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ddp(x).float().sum().backward()
+    o2.step()
+    assert all(p.grad is not None for p in m2.parameters())

@@ -15,13 +15,14 @@ What DDP alone gets wrong with split-BF16, and this module handles:
   a rank's local gradient before the all-reduce: ``optimize()`` does not fuse them when a
   process group with more than one rank exists, and ``wrap_ddp`` refuses a model that has them.
 """
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["allreduce_hook", "broadcast_master_weights", "wrap_ddp", "is_multi_rank"]
+__all__ = ["allreduce_hook", "broadcast_master_weights", "wrap_ddp", "is_multi_rank", "ShardedEmbeddingBags"]
 
 
 def is_multi_rank() -> bool:
@@ -77,3 +78,75 @@ def wrap_ddp(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None
     if optimizer is not None:
         broadcast_master_weights(optimizer, 0)
     return ddp
+
+
+class _ExchangePooled(torch.autograd.Function):
+    """All-to-all of pooled embeddings: each rank holds its tables' (T_local, B, D) for the whole
+    global batch and receives every table's (B / N) rows of its own samples; the backward sends
+    the gradients back to the tables' owners the same way."""
+
+    @staticmethod
+    def forward(ctx, local, counts: List[int], rank: int):
+        world = len(counts)
+        t_loc, batch, dim = local.shape
+        per = batch // world
+        send = local.view(t_loc, world, per, dim).transpose(0, 1).contiguous()  # (N, T_loc, B/N, D)
+        recv = local.new_empty(sum(counts) * per * dim)
+        dist.all_to_all_single(recv, send.view(-1), [c * per * dim for c in counts],
+                               [t_loc * per * dim] * world)
+        ctx.counts, ctx.rank, ctx.shape = counts, rank, local.shape
+        return recv.view(sum(counts), per, dim)  # owner-major: rank 0's tables, then rank 1's, ...
+
+    @staticmethod
+    def backward(ctx, grad):
+        counts, (t_loc, batch, dim) = ctx.counts, ctx.shape
+        world, per = len(counts), batch // len(counts)
+        recv = grad.new_empty(world * t_loc * per * dim)
+        dist.all_to_all_single(recv, grad.contiguous().view(-1), [t_loc * per * dim] * world,
+                               [c * per * dim for c in counts])
+        return recv.view(world, t_loc, per, dim).transpose(0, 1).reshape(t_loc, batch, dim), None, None
+
+
+class ShardedEmbeddingBags(nn.Module):
+    """Table-wise model parallelism (DLRM's layout): table t lives only on rank t % N.
+
+    ``forward(indices, offsets)`` takes every table's indices and offsets for the *global* batch
+    (B bags per table, B divisible by N), pools this rank's tables, and returns, for this rank's
+    B / N samples (rank r owns samples r*B/N .. (r+1)*B/N - 1), one (B / N, D) tensor per table in
+    table order.  Gradients flow back to the owners through the reverse exchange; the tables'
+    own optimizer updates them (keep them out of DDP: they are not replicated).  Bytes per rank
+    and step: 2 * T * B * D * 4 * (N - 1) / N^2 instead of all-reducing whole tables."""
+
+    def __init__(self, tables: Sequence[nn.EmbeddingBag], rank: Optional[int] = None,
+                 world_size: Optional[int] = None):
+        super().__init__()
+        self.rank = dist.get_rank() if rank is None else rank
+        self.world = dist.get_world_size() if world_size is None else world_size
+        dims = {t.embedding_dim for t in tables}
+        if len(dims) != 1:
+            raise ValueError(f"ShardedEmbeddingBags: tables must share one embedding_dim, got {sorted(dims)}")
+        modes = {t.mode for t in tables}
+        if modes - {"sum", "mean"}:
+            raise ValueError("ShardedEmbeddingBags: sum or mean pooling only")
+        self.num_tables, self.dim = len(tables), dims.pop()
+        self.owned = [t for t in range(self.num_tables) if t % self.world == self.rank]
+        self.tables = nn.ModuleList([tables[t] for t in self.owned])
+        self.counts = [len(range(r, self.num_tables, self.world)) for r in range(self.world)]
+        # position of table t in the owner-major exchange output
+        order = [t for r in range(self.world) for t in range(r, self.num_tables, self.world)]
+        self.slot = {t: i for i, t in enumerate(order)}
+
+    def forward(self, indices: Sequence[torch.Tensor], offsets: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        if len(indices) != self.num_tables or len(offsets) != self.num_tables:
+            raise ValueError(f"ShardedEmbeddingBags: expected {self.num_tables} indices/offsets, got "
+                             f"{len(indices)}/{len(offsets)}")
+        batch = offsets[0].numel()
+        if batch % self.world:
+            raise ValueError(f"ShardedEmbeddingBags: the global batch ({batch}) must divide over {self.world} ranks")
+        if self.tables:
+            local = torch.stack([F.embedding_bag(indices[t], tab.weight, offsets[t], mode=tab.mode)
+                                 for t, tab in zip(self.owned, self.tables)])
+        else:
+            local = torch.zeros(0, batch, self.dim, requires_grad=torch.is_grad_enabled())
+        pooled = _ExchangePooled.apply(local, self.counts, self.rank)
+        return [pooled[self.slot[t]] for t in range(self.num_tables)]

@@ -56,6 +56,51 @@ def test_a_dead_rank_fails_the_others_instead_of_hanging():
     assert "Error" in r.stderr or "error" in r.stderr
 
 
+_SHARD_SCRIPT = """
+import json, torch, torch.distributed as dist, torch.nn.functional as F
+from torch import nn
+from ipex_lite.distributed import ShardedEmbeddingBags
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+T, R, D, B = 5, 40, 8, 6  # 5 tables over 2 ranks: 3 and 2
+full = [nn.EmbeddingBag(R, D, mode="sum" if t % 2 else "mean") for t in range(T)]
+ref = [nn.EmbeddingBag(R, D, mode=f.mode) for f in full]
+for a, b in zip(ref, full):
+    a.weight.data.copy_(b.weight.data)
+g = torch.Generator().manual_seed(1)
+lengths = [torch.randint(0, 4, (B,), generator=g) for _ in range(T)]
+indices = [torch.randint(0, R, (int(n.sum()),), generator=g) for n in lengths]
+offsets = [torch.cat([torch.zeros(1, dtype=torch.long), n.cumsum(0)[:-1]]) for n in lengths]
+wts = torch.randn(B, T, D, generator=g)
+sharded = ShardedEmbeddingBags(full)
+per = B // world
+out = sharded(indices, offsets)
+lo, hi = rank * per, (rank + 1) * per
+want = [F.embedding_bag(indices[t], ref[t].weight, offsets[t], mode=ref[t].mode) for t in range(T)]
+fwd = all(torch.allclose(out[t], want[t][lo:hi], atol=1e-6) for t in range(T))
+(torch.stack(out, 1) * wts[lo:hi]).sum().backward()   # each rank: the loss of its own samples
+(torch.stack(want, 1) * wts).sum().backward()          # reference: the whole batch at once
+bwd = all(torch.allclose(tab.weight.grad, ref[t].weight.grad, atol=1e-5)
+          for t, tab in zip(sharded.owned, sharded.tables))
+print(json.dumps({"rank": rank, "owned": sharded.owned, "fwd": fwd, "bwd": bwd}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_table_wise_sharding_matches_the_unsharded_model(tmp_path):
+    script = tmp_path / "shard.py"
+    script.write_text(_SHARD_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "ipex_lite.launcher", "--nproc-per-node", "2", "--master-port",
+                        str(free_port()), str(script)], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    import json
+    docs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert sorted(d["rank"] for d in docs) == [0, 1]
+    assert {tuple(d["owned"]) for d in docs} == {(0, 2, 4), (1, 3)}
+    assert all(d["fwd"] and d["bwd"] for d in docs), docs
+
+
 def test_launcher_sets_rank_variables():
     r = subprocess.run([sys.executable, "-m", "ipex_lite.launcher", "--nproc-per-node", "2", "--nnodes", "3",
                         "--node-rank", "1", "--master-addr", "10.0.0.5", "--master-port", "1234",

@@ -206,6 +206,33 @@ def test_chaining_residual_and_report():
     assert ((got - want).abs().max() / want.abs().max()).item() < 0.05
 
 
+class SelfResidual(nn.Module):
+    """conv_b(h) + h: one int8 consumer takes the same uint8 tensor as input and as accumulator."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a, self.conv_b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = F.relu(self.conv_a(x))
+        y = F.relu(self.conv_b(h) + h)
+        return self.head(y.mean((2, 3)))
+
+
+def test_chain_into_input_and_accumulator_of_one_layer():
+    torch.manual_seed(0)
+    model = SelfResidual().eval()
+    x = torch.rand(4, 3, 8, 8)
+    int8 = q.convert(_calibrate(model, [x, torch.rand(4, 3, 8, 8)]))
+    conv_b = int8.get_submodule("conv_b")
+    assert conv_b.binary and conv_b.in_quantized and conv_b.other_quantized
+    assert int8.get_submodule("conv_a").out_dtype == torch.uint8
+    with torch.no_grad():
+        want, got = model(x), int8(x)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 0.05
+
+
 def test_qconf_summary_round_trip(tmp_path):
     torch.manual_seed(0)
     model = ResBlockNet().eval()

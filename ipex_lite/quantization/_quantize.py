@@ -216,26 +216,22 @@ def _chain_int8(gm: fx.GraphModule, report: Report) -> None:
         producer = qlayer(node)
         if producer is None or not node.users:
             continue
-        ok = True
-        for user in node.users:
-            consumer = qlayer(user)
-            if consumer is None:
-                ok = False
-            elif user.args[0] is node and user.args.count(node) == 1:
-                continue
-            elif isinstance(consumer, QuantizedConv) and len(user.args) == 2 and user.args[1] is node:
-                continue
-            else:
-                ok = False
-        if not ok:
+        def as_main(user):
+            return user.args[0] is node
+
+        def as_residual(user):  # a fused conv + add takes uint8 as its accumulator
+            return isinstance(qlayer(user), QuantizedConv) and len(user.args) == 2 and user.args[1] is node
+
+        if not all(qlayer(u) is not None and (as_main(u) or as_residual(u))
+                   and all(a is not node for a in u.args[2:]) for u in node.users):
             continue
         producer.out_dtype = torch.uint8
-        for user in node.users:
+        for user in node.users:  # one consumer may take it both ways: conv(h) + h
             consumer = qlayer(user)
-            if user.args[0] is node:
+            if as_main(user):
                 consumer.in_scale, consumer.in_zero_point = producer.out_scale, producer.out_zero_point
                 consumer.in_quantized = True
-            else:
+            if as_residual(user):
                 consumer.other_scale, consumer.other_zero_point = producer.out_scale, producer.out_zero_point
                 consumer.other_quantized = True
         report.add(node.target, "int8 chain", "uint8 output feeds " + ", ".join(u.target for u in node.users))

@@ -46,13 +46,17 @@ def allreduce_hook(state: torch.dtype, bucket):
 
 @torch.no_grad()
 def broadcast_master_weights(optimizer: torch.optim.Optimizer, src: int = 0, group=None) -> None:
-    """Every rank takes rank ``src``'s low halves (trails) of split-BF16 parameters, so the fp32
-    masters agree bit for bit (DDP itself broadcasts only the module's bf16 top halves)."""
+    """Every rank takes rank ``src``'s low halves (trails) of split-BF16 parameters, or its fp32
+    master copies under the master-copy fallback, so the fp32 masters agree bit for bit (DDP
+    itself broadcasts only the module's bf16 weights)."""
     for g in optimizer.param_groups:
         for p in g["params"]:
             trail = optimizer.state.get(p, {}).get("trail")
             if trail is not None:
                 dist.broadcast(trail.view(torch.uint8), src, group=group)  # raw bits; gloo has no int16
+    for weight, master in getattr(optimizer, "_master_pairs", ()):  # fp32 master-copy fallback
+        dist.broadcast(master.data, src, group=group)
+        weight.copy_(master)
 
 
 def wrap_ddp(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,

@@ -202,6 +202,44 @@ def _all_or_nothing(module, state_dict, prefix, local_metadata, strict, missing_
                            + "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else ""))
 
 
+def _master_copy_params(model: nn.Module, optimizer) -> List[nn.Parameter]:
+    """The optimizer's fp32 parameters of the modules split-BF16 covers (dense gradients only)."""
+    optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    out = []
+    for mod in model.modules():
+        if isinstance(mod, _SPLIT_MODULES) and not (isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and mod.sparse):
+            out += [p for p in mod.parameters(recurse=False) if id(p) in optimized and p.dtype == torch.float32]
+    return out
+
+
+class _MasterCopyStateDictHooks:
+    """state_dict gives the fp32 masters under the original keys; load_state_dict fills masters and weights."""
+
+    def __init__(self, optimizer, model):
+        self.optimizer = optimizer
+        ids = {id(p): m for p, m in optimizer._master_pairs}
+        self.keys = [k for k, p in model.named_parameters(remove_duplicate=False) if id(p) in ids]
+
+    def _master(self, module, key):
+        p = module.get_parameter(key)
+        return next((m for q, m in self.optimizer._master_pairs if q is p), None)
+
+    def save(self, module, state_dict, prefix, local_metadata):
+        for key in self.keys:
+            master = self._master(module, key)
+            if master is not None and prefix + key in state_dict:
+                state_dict[prefix + key] = master.detach().clone()
+
+    def load_pre(self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                 error_msgs):
+        for key in self.keys:
+            w, master = state_dict.get(prefix + key), self._master(module, key)
+            if master is not None and torch.is_tensor(w) and w.shape == master.shape:
+                with torch.no_grad():
+                    master.copy_(w)
+                state_dict[prefix + key] = w.to(torch.bfloat16)
+
+
 class _Hook:
     """Picklable bound hook (the public hook API tags callables with attributes)."""
 
@@ -264,8 +302,22 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, optimizer=No
         param_map = {}
 
     fused_cls = _fused_class(optimizer)
-    if level == "O0" or fused_cls is None or _sparse_params(model) & {
-            id(param_map.get(id(p), p)) for g in optimizer.param_groups for p in g["params"]}:
+    sparse = bool(_sparse_params(model) & {id(param_map.get(id(p), p)) for g in optimizer.param_groups
+                                            for p in g["params"]})
+    if level == "O1" and fused_cls is None and not sparse and dtype == torch.bfloat16 \
+            and split_master_weight_for_bf16 is not False and type(optimizer) is not torch.optim.LBFGS:
+        # IPEX's fallback: bf16 weights for compute, the unchanged optimizer on fp32 master copies
+        warnings.warn(f"optimize: no fused ipex_lite version of {type(optimizer).__name__}; it steps fp32 master "
+                      "copies of the bf16 weights (6 bytes per parameter instead of 4)")
+        opt = _same_type_copy(optimizer, param_map) if param_map else optimizer
+        opt = lite_optim.with_master_copy(opt, _master_copy_params(model, opt))
+        hooks = _MasterCopyStateDictHooks(opt, model)
+        post = getattr(model, "register_state_dict_post_hook", None) or model._register_state_dict_hook
+        post(_Hook(hooks, "save"))
+        model.register_load_state_dict_pre_hook(_all_or_nothing)
+        model.register_load_state_dict_pre_hook(_Hook(hooks, "load_pre"))
+        return model, opt
+    if level == "O0" or fused_cls is None or sparse:
         if level == "O1":
             warnings.warn(f"optimize: no fused ipex_lite version of {type(optimizer).__name__}"
                           + (" for sparse embedding gradients" if fused_cls is not None else "")

@@ -84,6 +84,7 @@ fwd = all(torch.allclose(out[t], want[t][lo:hi], atol=1e-6) for t in range(T))
 bwd = all(torch.allclose(tab.weight.grad, ref[t].weight.grad, atol=1e-5)
           for t, tab in zip(sharded.owned, sharded.tables))
 print(json.dumps({"rank": rank, "owned": sharded.owned, "fwd": fwd, "bwd": bwd}), flush=True)
+dist.barrier()
 dist.destroy_process_group()
 """
 
@@ -91,11 +92,14 @@ dist.destroy_process_group()
 def test_table_wise_sharding_matches_the_unsharded_model(tmp_path):
     script = tmp_path / "shard.py"
     script.write_text(_SHARD_SCRIPT)
+    logs = tmp_path / "logs"  # one file per rank: their stdout lines would interleave
     r = subprocess.run([sys.executable, "-m", "ipex_lite.launcher", "--nproc-per-node", "2", "--master-port",
-                        str(free_port()), str(script)], cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr
+                        str(free_port()), "--log-dir", str(logs), str(script)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode == 0, r.stderr + "".join(p.read_text() for p in logs.glob("*.log"))
     import json
-    docs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    docs = [json.loads(line) for p in sorted(logs.glob("*.log")) for line in p.read_text().splitlines()
+            if line.startswith("{")]
     assert sorted(d["rank"] for d in docs) == [0, 1]
     assert {tuple(d["owned"]) for d in docs} == {(0, 2, 4), (1, 3)}
     assert all(d["fwd"] and d["bwd"] for d in docs), docs

@@ -82,12 +82,30 @@ def test_fp32_checkpoint_loads_into_stock_model():
         assert torch.equal(v, m.state_dict()[k])
 
 
-def test_unsupported_optimizer_warns_and_keeps_fp32():
+def test_unsupported_optimizer_falls_back_to_an_fp32_master_copy():
     base = make_model()
-    with pytest.warns(UserWarning, match="no fused"):
-        m, o = ipex_lite.optimize(base, dtype=torch.bfloat16, optimizer=torch.optim.RMSprop(base.parameters()))
-    assert isinstance(o, torch.optim.RMSprop) and m[0].weight.dtype == torch.float32
-    train(m, o, 1)
+    ref = copy.deepcopy(base)
+    ref_opt = torch.optim.RMSprop(ref.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match="master"):
+        m, o = ipex_lite.optimize(base, dtype=torch.bfloat16, optimizer=torch.optim.RMSprop(base.parameters(), lr=1e-3))
+    assert isinstance(o, torch.optim.RMSprop) and m[0].weight.dtype == torch.bfloat16
+    assert m[2].weight.dtype == torch.float32  # LayerNorm is not split
+    assert base[0].weight.dtype == torch.float32  # inplace=False
+    got, want = train(m, o, 20), train(ref, ref_opt, 20)
+    assert abs(got[-1] - want[-1]) <= 0.02 * abs(want[-1]) + 1e-3, (got[-1], want[-1])
+    sd = m.state_dict()
+    assert sd["0.weight"].dtype == torch.float32 and torch.equal(sd["0.weight"], o.master_of(m[0].weight))
+    assert torch.equal(m[0].weight.float(), sd["0.weight"].bfloat16().float())  # weights = rounded masters
+    # fp32 checkpoints load into masters and weights; the optimizer's state_dict is a stock RMSprop's
+    m.load_state_dict(ref.state_dict())
+    assert torch.equal(o.master_of(m[0].weight), ref[0].weight.detach())
+    torch.optim.RMSprop(ref.parameters()).load_state_dict(o.state_dict())
+    o.zero_grad()
+    assert all(p.grad is None for p in m.parameters())
+    lb = make_model()
+    with pytest.warns(UserWarning, match="no fused"):  # LBFGS re-evaluates its closure: kept fp32 as it was
+        m2, o2 = ipex_lite.optimize(lb, dtype=torch.bfloat16, optimizer=torch.optim.LBFGS(lb.parameters()))
+    assert type(o2) is torch.optim.LBFGS and m2[0].weight.dtype == torch.float32
 
 
 def test_argument_checks():

@@ -90,6 +90,7 @@ def main(argv=None) -> int:
               f"{'agree on every rank' if agree else 'DIFFER between ranks'}")
         if args.save:
             torch.save(state, args.save)
+    dist.barrier()  # every rank done with its sockets before any tears the group down
     dist.destroy_process_group()
     return 0 if agree else 1
 

@@ -11,7 +11,7 @@ Each class subclasses torch.optim.Optimizer, keeps torch's state names
 """
 import torch
 
-__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "Lamb", "split_master_weights_", "master_weight", "update_in_backward_"]
+__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "Lamb", "with_master_copy", "split_master_weights_", "master_weight", "update_in_backward_"]
 
 ops = torch.ops.ipex_lite
 _EMPTY = torch.empty(0, dtype=torch.bfloat16)
@@ -278,3 +278,61 @@ def master_weight(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Te
     if p.dtype == torch.float32:
         return p.detach()
     return ops.cat_bfloat16_float(p.detach(), _param2(optimizer, p))
+
+
+class _MasterCopy:
+    """Mixin for an optimizer ipex_lite has no fused version of (IPEX's fallback): the model
+    computes with bf16 weights while this optimizer steps fp32 master copies of them (6 bytes
+    per parameter); each step takes the bf16 gradients into the masters and rounds the updated
+    masters back into the bf16 weights."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for p, master in self._master_pairs:
+            master.grad = None if p.grad is None else p.grad.detach().float()
+        super().step()
+        for p, master in self._master_pairs:
+            p.copy_(master)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True):
+        super().zero_grad(set_to_none)
+        for p, _ in self._master_pairs:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def master_of(self, p: torch.Tensor) -> torch.Tensor:
+        return next(m for q, m in self._master_pairs if q is p)
+
+
+def with_master_copy(optimizer: torch.optim.Optimizer, params) -> torch.optim.Optimizer:
+    """The same optimizer (class, param groups, hyperparameters, state) stepping fp32 master
+    copies of ``params``, which become bf16 in place.  Returns a new optimizer object."""
+    if type(optimizer) is torch.optim.LBFGS:
+        raise TypeError("with_master_copy: LBFGS re-evaluates the closure inside step; keep it in fp32")
+    chosen = {id(p) for p in params}
+    masters = {}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            if id(p) in chosen and p.dtype == torch.float32 and id(p) not in masters:
+                masters[id(p)] = torch.nn.Parameter(p.detach().clone())
+    cls = type(f"MasterCopy{type(optimizer).__name__}", (_MasterCopy, type(optimizer)), {})
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [masters.get(id(p), p) for p in g["params"]]}
+              for g in optimizer.param_groups]
+    new = cls(groups, **optimizer.defaults)
+    for p, st in optimizer.state.items():
+        new.state[masters.get(id(p), p)] = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in st.items()}
+    pairs = []
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            if id(p) in masters and p.dtype == torch.float32:
+                p.data = p.data.to(torch.bfloat16)
+                pairs.append((p, masters[id(p)]))
+    new._master_pairs = pairs
+    return new

@@ -531,3 +531,4 @@ def test_advise_hugepages():
     assert isinstance(ops.advise_hugepages(big), bool)
     with torch.device("meta"):
         assert ops.advise_hugepages(torch.empty(8 << 20)) is False  # fake kernel
+    torch.library.opcheck(ops.advise_hugepages, (torch.empty(16),))

@@ -291,6 +291,9 @@ def test_uncalibrated_and_bad_arguments():
         q.convert(model)
     int8 = q.convert(q.prepare(model))  # never calibrated: kept fp32 and reported
     assert "never called during calibration" in ipex_lite.explain(int8)
+    # example_inputs checks the model runs; it is not calibration
+    int8 = q.convert(q.prepare(model, example_inputs=torch.randn(3, 4)))
+    assert "never called during calibration" in ipex_lite.explain(int8)
     lin = q.convert(_calibrate(model, [torch.randn(3, 4)]))[0]
     with pytest.raises(RuntimeError, match="features"):
         lin(torch.randn(2, 5))

@@ -129,6 +129,21 @@ void sgd_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor&
   run(IPEX_LITE_KERNEL_TABLE(optimizer_kernels).sgd[s.mode][s.grad_bf16], a, param.numel());
 }
 
+// The arguments Adam-family steps share: parameter storage, gradient, both moments, hyperparameters.
+void fill_moments(k::OptStepArgs& a, const Step& s, const at::Tensor& param, const at::Tensor& param2,
+                  const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, double beta1, double beta2, double eps,
+                  double weight_decay) {
+  a.param = param.data_ptr();
+  a.param2 = param2.numel() ? param2.data_ptr() : nullptr;
+  a.grad = s.grad.data_ptr();
+  a.state1 = exp_avg.data_ptr<float>();
+  a.state2 = exp_avg_sq.data_ptr<float>();
+  a.weight_decay = static_cast<float>(weight_decay);
+  a.beta1 = static_cast<float>(beta1);
+  a.beta2 = static_cast<float>(beta2);
+  a.eps = static_cast<float>(eps);
+}
+
 void adam_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                const at::Tensor& exp_avg_sq, const at::Tensor& max_exp_avg_sq, const at::Tensor& param2, double step,
                double lr, double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool adamw) {
@@ -144,16 +159,8 @@ void adam_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
   }
   check_distinct(op, {{"param", &param}, {"param2", &param2}, {"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq},
                       {"max_exp_avg_sq", &max_exp_avg_sq}}, s.grad);
-  a.param = param.data_ptr();
-  a.param2 = param2.numel() ? param2.data_ptr() : nullptr;
-  a.grad = s.grad.data_ptr();
-  a.state1 = exp_avg.data_ptr<float>();
-  a.state2 = exp_avg_sq.data_ptr<float>();
+  fill_moments(a, s, param, param2, exp_avg, exp_avg_sq, beta1, beta2, eps, weight_decay);
   a.lr = static_cast<float>(lr);
-  a.weight_decay = static_cast<float>(weight_decay);
-  a.beta1 = static_cast<float>(beta1);
-  a.beta2 = static_cast<float>(beta2);
-  a.eps = static_cast<float>(eps);
   // Bias corrections and the step size in double, as torch.optim computes them in Python.
   a.bias_correction1 = static_cast<float>(1.0 - std::pow(beta1, step));
   a.step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, step)));
@@ -196,15 +203,7 @@ void lamb_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
   check_distinct(op, {{"param", &param}, {"param2", &param2}, {"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}},
                  s.grad);
   k::OptStepArgs a{};
-  a.param = param.data_ptr();
-  a.param2 = param2.numel() ? param2.data_ptr() : nullptr;
-  a.grad = s.grad.data_ptr();
-  a.state1 = exp_avg.data_ptr<float>();
-  a.state2 = exp_avg_sq.data_ptr<float>();
-  a.weight_decay = static_cast<float>(weight_decay);
-  a.beta1 = static_cast<float>(beta1);
-  a.beta2 = static_cast<float>(beta2);
-  a.eps = static_cast<float>(eps);
+  fill_moments(a, s, param, param2, exp_avg, exp_avg_sq, beta1, beta2, eps, weight_decay);
   a.bias_correction1 = static_cast<float>(1.0 - std::pow(beta1, step));
   a.bias_correction2 = static_cast<float>(1.0 - std::pow(beta2, step));
   const int64_t n = param.numel();

@@ -42,6 +42,19 @@ def _check_param(optimizer, p):
         raise ValueError(f"{type(optimizer).__name__}: parameters must be contiguous to be updated in place")
 
 
+def _moment_state(optimizer, p, amsgrad: bool = False) -> dict:
+    """Adam / AdamW / Lamb state of ``p`` (fp32 moments, created at the first step), step counted."""
+    state = optimizer.state[p]
+    if "step" not in state:
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32)
+        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32)
+        if amsgrad:
+            state["max_exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32)
+    state["step"] += 1
+    return state
+
+
 class _KeepStateDtypes:
     """Shared by the fused optimizers.
 
@@ -136,14 +149,7 @@ class _AdamStep(_KeepStateDtypes):
     def _update(self, group, p):
         beta1, beta2 = group["betas"]
         grad = _dense_grad(self, p)
-        state = self.state[p]
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32)
-            if group["amsgrad"]:
-                state["max_exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32)
-        state["step"] += 1
+        state = _moment_state(self, p, group["amsgrad"])
         ops.adam_step_(p, grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq", torch.empty(0)),
                        _param2(self, p), float(state["step"]), float(group["lr"]), float(beta1), float(beta2),
                        float(group["eps"]), float(group["weight_decay"]), bool(group["amsgrad"]),
@@ -217,12 +223,7 @@ class Lamb(_KeepStateDtypes, torch.optim.Optimizer):
     def _update(self, group, p):
         beta1, beta2 = group["betas"]
         grad = _dense_grad(self, p)
-        state = self.state[p]
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32)
-        state["step"] += 1
+        state = _moment_state(self, p)
         ops.lamb_step_(p, grad, state["exp_avg"], state["exp_avg_sq"], _param2(self, p), float(state["step"]),
                        float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
                        float(group["weight_decay"]))

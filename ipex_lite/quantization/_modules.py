@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.prepacked import PackCache
+from ._observers import affine_qparams
 
 onednn = torch.ops.onednn
 ops = torch.ops.ipex_lite
@@ -102,6 +103,14 @@ class _QuantizedLayer(nn.Module):
             y = ops.quantize_per_tensor(y, self.out_scale, self.out_zero_point, torch.uint8)
         return y
 
+    def _post_op(self, supported):
+        """(fused, attr, scalars, algorithm, kernel output dtype): a post-op the kernel cannot apply
+        runs in fp32 after it (see _finish), so the kernel then writes fp32."""
+        fused = self.unary is None or self.unary_attr in supported
+        if not fused:
+            return False, "none", [], "", torch.float32
+        return True, self.unary_attr, self.unary_scalars, self.unary_algorithm, self.out_dtype
+
     def _out_qparams(self, out_dtype):
         # oneDNN takes the output scale only for an 8-bit output
         return (self.out_scale, self.out_zero_point) if out_dtype == torch.uint8 else (1.0, 0)
@@ -149,11 +158,7 @@ class QuantizedConv(_QuantizedLayer):
         fmt = torch.channels_last if self.nd == 2 else torch.contiguous_format
         qx = self._quantize_input(x, self.in_scale, self.in_zero_point).contiguous(memory_format=fmt)
         w = self._packed(qx)
-        fused = self.unary is None or self.unary_attr in _CONV_UNARY
-        attr = self.unary_attr if fused else "none"
-        scalars = self.unary_scalars if fused else []
-        algo = self.unary_algorithm if fused else ""
-        out_dtype = self.out_dtype if fused else torch.float32
+        fused, attr, scalars, algo, out_dtype = self._post_op(_CONV_UNARY)
         common = (self.stride, self.padding, self.dilation, self.groups)
         if other is None:
             y = onednn.qconv_pointwise(qx, self.in_scale, self.in_zero_point, w, self.w_scales, self.w_zero_points,
@@ -199,16 +204,11 @@ class QuantizedLinear(_QuantizedLayer):
         lead = x.shape[:-1]
         scale, zp = self.in_scale, self.in_zero_point
         if self.dynamic and x.dtype != torch.uint8:
-            from ._observers import affine_qparams
             lo, hi = torch.aminmax(x.detach().float()) if x.numel() else (torch.tensor(0.0), torch.tensor(0.0))
             scale, zp = affine_qparams(lo.item(), hi.item())
         qx = self._quantize_input(x, scale, zp).reshape(-1, self.in_features)
         w = self._packed(qx)
-        fused = self.unary is None or self.unary_attr in _LINEAR_UNARY
-        attr = self.unary_attr if fused else "none"
-        scalars = self.unary_scalars if fused else []
-        algo = self.unary_algorithm if fused else ""
-        out_dtype = self.out_dtype if fused else torch.float32
+        fused, attr, scalars, algo, out_dtype = self._post_op(_LINEAR_UNARY)
         if other is None or other.shape != (*lead, self.out_features):
             y = onednn.qlinear_pointwise(qx, scale, zp, w, self.w_scales, self.w_zero_points, self.bias,
                                          *self._out_qparams(out_dtype), out_dtype, attr, scalars, algo)

@@ -161,15 +161,11 @@ def prepare(model: nn.Module, qconfig_mapping: QConfigMapping = default_static_q
     knobs = Knobs(conv_bn_folding=bn_folding, linear_bn_folding=bn_folding)
     _replace_dropout(model, "", report)
     model = _rewrite(model, "", knobs, report)
-    prepared = PreparedModel(model, qconfig_mapping, report)
-    if example_inputs is not None:
+    if example_inputs is not None:  # surfaces shape errors now, before observers exist to count it
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         with torch.no_grad():
-            model(*args)  # surfaces shape errors now; observers only count calibration calls
-        for obs in prepared.observers.values():
-            if obs is not None:
-                obs.__init__(prepared.qconfig_mapping.global_qconfig or QConfig(), obs.other is not None)
-    return prepared
+            model(*args)
+    return PreparedModel(model, qconfig_mapping, report)
 
 
 def convert(prepared: PreparedModel, inplace: bool = False) -> nn.Module:

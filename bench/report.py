@@ -28,6 +28,7 @@ SCRIPTS = {
     "dlrm": ([], None),
     "optimizers": ([], ["--quick", "--params", "10000000", "--no-whole-step"]),
     "vision": ([], ["--quick"]),
+    "aten_overrides": ([], ["--quick", "--rows", "20000"]),
     "runtime": ([], ["--quick", "--model", "resnet50", "--batches", "2"]),
     "launcher": ([], ["--quick"]),
 }

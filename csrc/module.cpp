@@ -5,7 +5,13 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <exception>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
 #include "dispatch/isa.h"
+#include "ops/aten_overrides.h"
 #include "runtime/thread_binding.h"
 
 // Claims the namespace: a second library defining ipex_lite ops fails loudly.
@@ -57,6 +63,38 @@ PyObject* isa_info(PyObject*, PyObject*) {
   return info;
 }
 
+PyObject* str_list(const std::vector<std::string>& items) {
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(items.size()));
+  if (list == nullptr) return nullptr;
+  for (size_t i = 0; i < items.size(); ++i) {
+    PyObject* s = PyUnicode_FromString(items[i].c_str());
+    if (s == nullptr) {
+      Py_DECREF(list);
+      return nullptr;
+    }
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), s);
+  }
+  return list;
+}
+
+PyObject* aten_override_names(PyObject*, PyObject*) { return str_list(ipex_lite::aten_override_names()); }
+
+PyObject* active_aten_overrides(PyObject*, PyObject*) { return str_list(ipex_lite::active_aten_overrides()); }
+
+PyObject* set_aten_override(PyObject*, PyObject* args) {
+  const char* name = nullptr;
+  int on = 0;
+  if (!PyArg_ParseTuple(args, "sp", &name, &on)) return nullptr;
+  try {
+    return PyBool_FromLong(ipex_lite::set_aten_override(name, on != 0));
+  } catch (const std::invalid_argument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
 PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS, "ISA level the kernels run at."},
     {"isa_info", isa_info, METH_NOARGS, "CPU features and the detected/built/active ISA levels."},
@@ -68,6 +106,10 @@ PyMethodDef methods[] = {
      "OpenMP team size for parallel regions started by the calling thread; returns the previous one."},
     {"team_affinities", ipex_lite::runtime::team_affinities, METH_NOARGS,
      "CPU ids of each thread of an OpenMP team started by the calling thread."},
+    {"aten_override_names", aten_override_names, METH_NOARGS, "aten ops ipex_lite can take over at the CPU key."},
+    {"active_aten_overrides", active_aten_overrides, METH_NOARGS, "aten ops currently taken over."},
+    {"set_aten_override", set_aten_override, METH_VARARGS,
+     "set_aten_override(name, on) -> bool: install or remove one override; returns whether it was installed."},
     {nullptr, nullptr, 0, nullptr},
 };
 

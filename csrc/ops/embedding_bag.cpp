@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/_embedding_bag_backward_native.h>
 #include <torch/library.h>
 
 #include <string>
@@ -13,6 +14,7 @@
 
 #include "dispatch/isa.h"
 #include "kernels/embedding_bag_kernel.h"
+#include "ops/embedding_bag.h"
 
 IPEX_LITE_DECLARE_KERNEL_TABLE(EmbBagKernels, embedding_bag_kernels)
 
@@ -362,9 +364,9 @@ at::Tensor cat_forward_cpu(const at::Tensor& dense, at::TensorList weights, at::
   return out;
 }
 
-std::vector<at::Tensor> backward_cpu(at::TensorList grads_in, at::TensorList weights, at::TensorList indices,
-                                     at::TensorList offsets, int64_t mode, bool include_last, at::TensorList psw) {
-  const char* op = "merged_embedding_bag_backward";
+std::vector<at::Tensor> dense_backward(const char* op, at::TensorList grads_in, at::TensorList weights,
+                                       at::TensorList indices, at::TensorList offsets, int64_t mode,
+                                       bool include_last, at::TensorList psw) {
   const Lookup l = check_lookup(op, weights, indices, offsets, mode, include_last, psw, false);
   const auto grads = checked_grads(op, l, grads_in);
   std::vector<at::Tensor> dense;
@@ -393,6 +395,11 @@ std::vector<at::Tensor> backward_cpu(at::TensorList grads_in, at::TensorList wei
   }
   run_updates(l, groups, args);
   return dense;
+}
+
+std::vector<at::Tensor> backward_cpu(at::TensorList grads, at::TensorList weights, at::TensorList indices,
+                                     at::TensorList offsets, int64_t mode, bool include_last, at::TensorList psw) {
+  return dense_backward("merged_embedding_bag_backward", grads, weights, indices, offsets, mode, include_last, psw);
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_rows_cpu(
@@ -509,7 +516,47 @@ void adagrad_update_cpu(at::TensorList grads, at::TensorList weights, at::Tensor
              include_last, psw, lr, 0.0, eps);
 }
 
+// Stands in for the table in the lookup checks of the ATen backward
+// overrides: they need its row count, width and dtype, never its values.
+at::Tensor shape_only_table(int64_t rows, const at::Tensor& grad) {
+  return at::empty({1, grad.size(1)}, grad.options()).expand({rows, grad.size(1)});
+}
+
+bool supported_dtype(const at::Tensor& t) { return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16; }
+
 }  // namespace
+
+at::Tensor aten_embedding_bag_backward(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& offsets,
+                                       const at::Tensor& offset2bag, const at::Tensor& bag_size,
+                                       const at::Tensor& maximum_indices, c10::SymInt num_weights,
+                                       bool scale_grad_by_freq, int64_t mode, bool sparse,
+                                       const std::optional<at::Tensor>& per_sample_weights, int64_t padding_idx) {
+  const bool has_psw = per_sample_weights.has_value() && per_sample_weights->defined();
+  const int64_t bags = grad.dim() == 2 ? grad.size(0) : -1;
+  // Everything else (sparse or max-pooled gradients, frequency scaling,
+  // mean bags that skip a padding row, other dtypes) stays with ATen.
+  const bool ours = !sparse && !scale_grad_by_freq && grad.layout() == at::kStrided && supported_dtype(grad) &&
+                    (mode == k::kPoolSum || (mode == k::kPoolMean && padding_idx < 0 && !has_psw)) &&
+                    indices.dim() == 1 && offsets.dim() == 1 &&
+                    (offsets.numel() == bags || offsets.numel() == bags + 1) &&
+                    (!has_psw || per_sample_weights->scalar_type() == grad.scalar_type());
+  if (!ours) {
+    return at::native::_embedding_bag_backward_symint(grad, indices, offsets, offset2bag, bag_size, maximum_indices,
+                                                      std::move(num_weights), scale_grad_by_freq, mode, sparse,
+                                                      per_sample_weights, padding_idx);
+  }
+  const int64_t rows = num_weights.expect_int();
+  const bool same = indices.scalar_type() == offsets.scalar_type();
+  const at::Tensor ix = same ? indices : indices.to(at::kLong), of = same ? offsets : offsets.to(at::kLong);
+  std::vector<at::Tensor> psw;
+  if (has_psw) psw.push_back(*per_sample_weights);
+  at::Tensor out = dense_backward("_embedding_bag_backward", {grad}, {shape_only_table(rows, grad)}, {ix}, {of}, mode,
+                                  offsets.numel() == bags + 1, psw)[0];
+  // Sum pooling skips the padding row's entries; no other row changes.
+  if (padding_idx >= 0 && padding_idx < rows) out.select(0, padding_idx).zero_();
+  return out;
+}
+
 }  // namespace ipex_lite
 
 TORCH_LIBRARY_FRAGMENT(ipex_lite, m) {

@@ -11,9 +11,14 @@ What DDP alone gets wrong with split-BF16, and this module handles:
   optimizer's trails, so ranks would hold different fp32 masters: ``wrap_ddp`` broadcasts them.
 * bf16 gradients summed in bf16 over many ranks lose bits: the comm hook sums in fp32
   (``allreduce_dtype``), or in bf16 when asked and the backend supports it.
-* Updates applied inside backward (``fuse_update_step``, fused-SGD embedding tables) would use
-  a rank's local gradient before the all-reduce: ``optimize()`` does not fuse them when a
-  process group with more than one rank exists, and ``wrap_ddp`` refuses a model that has them.
+* Embedding tables updated inside backward (``SGDEmbeddingBag`` from ``optimize()``,
+  ``MergedEmbeddingBagWithSGD`` / ``WithAdaGrad``) produce no gradient for DDP to reduce.
+  ``wrap_ddp`` keeps them out of DDP, replicates them from rank 0 and has their backward
+  all-gather every rank's lookups (indices, offsets and pooled gradients: bytes proportional
+  to the batch, not to the tables) so that each replica applies the same touched-row update a
+  single process would apply to the whole batch.
+* ``fuse_update_step`` (every parameter updated inside backward) would use a rank's local
+  gradient before the all-reduce: ``optimize()`` refuses it under a multi-rank group.
 """
 from typing import List, Optional, Sequence
 
@@ -22,7 +27,8 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["allreduce_hook", "broadcast_master_weights", "wrap_ddp", "is_multi_rank", "ShardedEmbeddingBags"]
+__all__ = ["allreduce_hook", "broadcast_master_weights", "gather_lookups", "wrap_ddp", "is_multi_rank",
+           "ShardedEmbeddingBags"]
 
 
 def is_multi_rank() -> bool:
@@ -59,17 +65,95 @@ def broadcast_master_weights(optimizer: torch.optim.Optimizer, src: int = 0, gro
         weight.copy_(master)
 
 
+def _all_gather_bytes(flat: torch.Tensor, group) -> List[torch.Tensor]:
+    """Every rank's 1-D tensor (any length, one dtype), in rank order.  Sent as raw bytes so
+    bf16 survives gloo, which does not handle it."""
+    world = dist.get_world_size(group)
+    raw = flat.contiguous().view(torch.uint8)
+    size = torch.tensor([raw.numel()], dtype=torch.long)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    top = max(int(n) for n in sizes)
+    send = torch.zeros(top, dtype=torch.uint8)
+    send[:raw.numel()] = raw
+    bufs = [torch.empty(top, dtype=torch.uint8) for _ in range(world)]
+    dist.all_gather(bufs, send, group=group)
+    return [b[:int(n)].view(flat.dtype) for b, n in zip(bufs, sizes)]
+
+
+@torch.no_grad()
+def gather_lookups(grads: Sequence[torch.Tensor], indices: Sequence[torch.Tensor], offsets: Sequence[torch.Tensor],
+                   per_sample_weights: Sequence[torch.Tensor], include_last_offset: bool, group=None):
+    """One step's table lookups of every rank as one global batch (rank order): per table the
+    concatenated indices (int64), offsets (no trailing entry) and pooled gradients divided by the
+    world size (DDP's average), and per-sample weights when given.  Three all-gathers for all
+    tables together.  Each rank's batch size may differ."""
+    group = group or dist.group.WORLD
+    world = dist.get_world_size(group)
+    tables = len(grads)
+    batch = grads[0].shape[0] if tables else 0
+    ix_parts, off_parts, psw_parts = [], [], []
+    for t in range(tables):
+        ix, off = indices[t].reshape(-1).long(), offsets[t].reshape(-1).long()
+        used = int(off[batch]) if include_last_offset else ix.numel()  # indices past the last bag are unused
+        ix_parts.append(ix[:used])
+        off_parts.append(off[:batch])
+        if per_sample_weights:
+            psw_parts.append(per_sample_weights[t].reshape(-1)[:used])
+    lens = [p.numel() for p in ix_parts]
+    meta = torch.cat([torch.tensor([batch, *lens], dtype=torch.long), *ix_parts, *off_parts])
+    metas = _all_gather_bytes(meta, group)
+    dim = grads[0].shape[1] if tables else 0
+    pooled = _all_gather_bytes(torch.cat([g.reshape(-1) for g in grads]), group)
+    weights = _all_gather_bytes(torch.cat(psw_parts), group) if per_sample_weights else None
+    out_ix, out_off, out_g, out_psw = ([[] for _ in range(tables)] for _ in range(4))
+    for r in range(world):
+        b = int(metas[r][0])
+        r_lens = metas[r][1:1 + tables].tolist()
+        ixs = metas[r][1 + tables:1 + tables + sum(r_lens)].split(r_lens)
+        offs = metas[r][1 + tables + sum(r_lens):].split(b)
+        gs = pooled[r].view(tables, b, dim)
+        ws = weights[r].split(r_lens) if weights is not None else None
+        for t in range(tables):
+            base = sum(p.numel() for p in out_ix[t])
+            out_ix[t].append(ixs[t])
+            out_off[t].append(offs[t] + base)
+            out_g[t].append(gs[t])
+            if ws is not None:
+                out_psw[t].append(ws[t])
+    cat = [torch.cat(parts) for parts in out_g]
+    return ([g.div_(world) for g in cat], [torch.cat(p) for p in out_ix], [torch.cat(p) for p in out_off],
+            [torch.cat(p) for p in out_psw] if weights is not None else [])
+
+
+def _replicate_fused_tables(model: nn.Module, group) -> List[str]:
+    """Tables updated inside backward: rank 0's weights, trails and Adagrad sums everywhere,
+    lookups exchanged in backward; returns their parameter and buffer names for DDP to skip."""
+    from .nn.modules import SGDEmbeddingBag, _FusedUpdateBase
+    skip = []
+    for name, m in model.named_modules():
+        if not isinstance(m, (SGDEmbeddingBag, _FusedUpdateBase)):
+            continue
+        m.process_group = group
+        prefix = name + "." if name else ""
+        with torch.no_grad():
+            for pname, p in m.named_parameters():
+                dist.broadcast(p.data.view(torch.uint8) if p.dtype == torch.bfloat16 else p.data, 0, group=group)
+                skip.append(prefix + pname)
+            for bname, buf in m.named_buffers():
+                dist.broadcast(buf.view(torch.uint8), 0, group=group)
+                skip.append(prefix + bname)
+    return skip
+
+
 def wrap_ddp(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-             allreduce_dtype: torch.dtype = torch.float32, **ddp_kwargs) -> nn.parallel.DistributedDataParallel:
-    """``DistributedDataParallel(model)`` with the gradient all-reduce in ``allreduce_dtype`` and, for
-    a split-BF16 model, the optimizer's trails broadcast from rank 0."""
+             allreduce_dtype: torch.dtype = torch.float32, **ddp_kwargs) -> nn.Module:
+    """``DistributedDataParallel(model)`` with the gradient all-reduce in ``allreduce_dtype``; for
+    a split-BF16 model the optimizer's trails broadcast from rank 0; tables updated inside backward
+    replicated with their lookups exchanged (see the module docstring).  A model made only of such
+    tables is returned as it is: DDP would have no gradient to reduce."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("wrap_ddp: call torch.distributed.init_process_group first")
-    from .nn.modules import SGDEmbeddingBag
-    fused = [name for name, m in model.named_modules() if isinstance(m, SGDEmbeddingBag)]
-    if fused:
-        raise ValueError(f"wrap_ddp: {fused[:3]} update inside backward with the local gradient only; optimize() "
-                         "the model after init_process_group so that tables keep dense gradients")
     if optimizer is not None and any(p._post_accumulate_grad_hooks for g in optimizer.param_groups
                                      for p in g["params"] if getattr(p, "_post_accumulate_grad_hooks", None)):
         raise ValueError("wrap_ddp: fuse_update_step=True updates before the all-reduce; optimize without it")
@@ -77,10 +161,15 @@ def wrap_ddp(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None
         raise ValueError("wrap_ddp: gloo does not reduce bfloat16; use allreduce_dtype=torch.float32")
     if allreduce_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"wrap_ddp: allreduce_dtype must be torch.float32 or torch.bfloat16, got {allreduce_dtype}")
-    ddp = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
-    ddp.register_comm_hook(allreduce_dtype, allreduce_hook)
+    skip = _replicate_fused_tables(model, ddp_kwargs.get("process_group") or dist.group.WORLD)
     if optimizer is not None:
         broadcast_master_weights(optimizer, 0)
+    if skip:
+        if not any(p.requires_grad for n, p in model.named_parameters() if n not in skip):
+            return model  # only fused tables: nothing is left for DDP to reduce
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, skip)
+    ddp = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+    ddp.register_comm_hook(allreduce_dtype, allreduce_hook)
     return ddp
 
 

@@ -327,13 +327,12 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, optimizer=No
     optimizer = _rebuild_fused(optimizer, fused_cls, param_map)
     split = dtype == torch.bfloat16 and split_master_weight_for_bf16 is not False
     from .distributed import is_multi_rank
-    if is_multi_rank():
+    if is_multi_rank() and fuse_update_step:
         # data parallel: every update must wait for the all-reduced gradient
-        if fuse_update_step:
-            raise ValueError("optimize: fuse_update_step=True updates each parameter from its local gradient, "
-                             "before DistributedDataParallel's all-reduce; drop it in multi-rank training")
-    else:
-        _fuse_embedding_sgd(model, optimizer, split)
+        raise ValueError("optimize: fuse_update_step=True updates each parameter from its local gradient, "
+                         "before DistributedDataParallel's all-reduce; drop it in multi-rank training")
+    # Under a multi-rank group, ipex_lite.distributed.wrap_ddp makes these tables exchange lookups.
+    _fuse_embedding_sgd(model, optimizer, split)
     model.register_load_state_dict_pre_hook(_all_or_nothing)
     if split:
         hooks = _SplitStateDictHooks(optimizer, _split_params(model, optimizer))

@@ -48,6 +48,77 @@ def test_two_ranks_agree_and_match_one_rank(tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=2e-2, atol=2e-3, msg=k)
 
 
+def test_fused_tables_exchange_lookups_and_match_one_rank(tmp_path):
+    """Tables updated inside backward (plain SGD) stay replicated: every rank applies the update
+    of the whole global batch, from the lookups all ranks exchanged."""
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    r1, _ = launch(["--steps", "4", "--fused-tables", "--save", str(one)], 1)
+    assert r1.returncode == 0, r1.stderr
+    r2, _ = launch(["--steps", "4", "--fused-tables", "--save", str(two)], 2)
+    assert r2.returncode == 0, r2.stderr
+    assert "tables updated inside backward: 8 of 8" in r2.stdout
+    assert "master weights agree on every rank" in r2.stdout
+    a, b = torch.load(one), torch.load(two)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=2e-2, atol=2e-3, msg=k)
+
+
+_LOOKUPS_SCRIPT = """
+import json, torch, torch.distributed as dist
+from torch import nn
+import ipex_lite
+from ipex_lite.distributed import gather_lookups, wrap_ddp
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+specs = [ipex_lite.nn.EmbeddingSpec(30, 4, "sum", torch.bfloat16) for _ in range(3)]
+# rank-dependent lookups, uneven sizes and per-sample weights: the gathered batch is rank 0's then rank 1's
+b = 2 + rank
+ix = [torch.arange(t, t + 3 * b) % 30 for t in range(3)]
+off = [torch.arange(0, 3 * b + 1, 3) for _ in range(3)]
+off[1] = torch.tensor([0] * b + [3 * b - 1])  # include_last_offset: the last index is outside every bag
+g = [torch.full((b, 4), float(rank + 1), dtype=torch.bfloat16) for _ in range(3)]
+w = [torch.ones(3 * b, dtype=torch.bfloat16) * (rank + 1) for _ in range(3)]
+gg, gi, go, gw = gather_lookups(g, ix, off, w, True)
+ok = [gi[t].numel() == sum((3 * (2 + r) - (1 if t == 1 else 0)) for r in range(world)) for t in range(3)]
+ok.append(all(x.shape == (sum(2 + r for r in range(world)), 4) for x in gg))
+ok.append(float(gg[0][0, 0]) == 1.0 / world and float(gg[0][-1, 0]) == world / world)
+# an unwrapped fused table under 2 ranks refuses to update from local lookups only
+m = ipex_lite.nn.MergedEmbeddingBagWithSGD(specs, lr=0.1)
+try:
+    sum(o.float().sum() for o in m([i[:6] for i in ix], [torch.tensor([0, 3]) for _ in ix])).backward()
+    ok.append(False)
+except RuntimeError as e:
+    ok.append("wrap_ddp" in str(e))
+wrapped = wrap_ddp(m)
+for step in range(2):
+    out = wrapped([i[:6] for i in ix], [torch.tensor([0, 3]) for _ in ix])
+    sum(o.float().sum() for o in out).backward()
+digest = torch.stack([m.fp32_weight(t).double().sum() for t in range(3)]).sum().reshape(1)
+all_d = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+dist.all_gather(all_d, digest)
+ok.append(all(torch.equal(d, all_d[0]) for d in all_d))
+print(json.dumps({"rank": rank, "ok": ok}), flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_gather_lookups_and_unwrapped_fused_tables(tmp_path):
+    script = tmp_path / "lookups.py"
+    script.write_text(_LOOKUPS_SCRIPT)
+    logs = tmp_path / "logs"
+    r = subprocess.run([sys.executable, "-m", "ipex_lite.launcher", "--nproc-per-node", "2", "--master-port",
+                        str(free_port()), "--log-dir", str(logs), str(script)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode == 0, r.stderr + "".join(p.read_text() for p in logs.glob("*.log"))
+    import json
+    docs = [json.loads(line) for p in sorted(logs.glob("*.log")) for line in p.read_text().splitlines()
+            if line.startswith("{")]
+    assert sorted(d["rank"] for d in docs) == [0, 1]
+    assert all(all(d["ok"]) for d in docs), docs
+
+
 def test_a_dead_rank_fails_the_others_instead_of_hanging():
     r, seconds = launch(["--steps", "6", "--die-at-step", "2"], 2, env={"DIST_TIMEOUT": "20"})
     assert r.returncode != 0
@@ -130,9 +201,17 @@ def test_wrap_ddp_guards(one_rank_group):
     base = nn.Sequential(nn.EmbeddingBag(50, 8, mode="sum"), nn.Linear(8, 1))
     model, opt = ipex_lite.optimize(base.train(), optimizer=torch.optim.SGD(base.parameters(), lr=0.1),
                                     dtype=torch.bfloat16)
-    # one rank: optimize() fused the plain-SGD table into backward, which DDP must not see
-    with pytest.raises(ValueError, match="local gradient"):
-        ipex_lite.distributed.wrap_ddp(model, opt)
+    # optimize() fused the plain-SGD table into backward: wrap_ddp keeps it out of DDP's reducer
+    table = model[0]
+    assert isinstance(table, ipex_lite.nn.modules.SGDEmbeddingBag)
+    ddp_t = ipex_lite.distributed.wrap_ddp(model, opt)
+    assert table.process_group is not None
+    assert set(ddp_t.parameters_to_ignore) >= {"0.weight", "0.trail"}
+    before = table.weight.detach().clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ddp_t(torch.tensor([[1, 2], [3, 4]])).float().sum().backward()
+    opt.step()
+    assert not torch.equal(table.weight, before)
     mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)).train()
     m2, o2 = ipex_lite.optimize(mlp, optimizer=torch.optim.SGD(mlp.parameters(), lr=0.1), dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="gloo"):

@@ -97,6 +97,45 @@ def test_merged_embedding_bag(data):
 
 @FUZZ
 @given(st.data())
+def test_embedding_bag_backward_override(data):
+    """aten::_embedding_bag_backward with ipex_lite's override: ATen's result on good input
+    (NaN/Inf in the gradient included), a clear error on bad indices or offsets."""
+    rows, dim, batch = data.draw(st.integers(1, 30)), data.draw(st.integers(1, 20)), data.draw(st.integers(0, 6))
+    lengths = [data.draw(st.integers(0, 4)) for _ in range(batch)]
+    idx = torch.tensor([data.draw(st.integers(0, rows - 1)) for _ in range(sum(lengths))], dtype=torch.int64)
+    off = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)[:-1]
+    bad = data.draw(st.sampled_from(["none", "none", "index", "offsets"]))
+    if bad == "index" and idx.numel():
+        idx[data.draw(st.integers(0, idx.numel() - 1))] = data.draw(st.sampled_from([-1, rows, 10**12]))
+    elif bad == "offsets" and off.numel() > 1 and off[-1] > 0:
+        off = off.flip(0)
+    else:
+        bad = "none"
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    grad = _tensor(data.draw, (batch, dim), dtype, special=True)
+    mode = data.draw(st.sampled_from([0, 1]))
+    empty = torch.empty(0, dtype=torch.long)
+    helpers = (empty, empty, empty)
+    if bad == "none":  # ATen's kernel needs the forward's bag sizes (it segfaults on empty ones with empty bags)
+        table = torch.zeros(rows, dim, dtype=dtype, requires_grad=True)
+        helpers = torch.ops.aten._embedding_bag(table, idx, off, False, mode, False, None, False)[1:]
+    args = (grad, idx, off, *helpers, rows, False, mode, False, None)
+    with ipex_lite.aten_overrides(["_embedding_bag_backward"]):
+        try:
+            got = torch.ops.aten._embedding_bag_backward(*args)
+        except CLEAR as e:
+            assert bad != "none", e
+            assert "indices" in str(e) or "offsets" in str(e), e
+            return
+    assert bad == "none"
+    want = torch.ops.aten._embedding_bag_backward(*args)
+    # bf16: ATen sums up to 4 bf16 terms in bf16, ours in fp32 (a few bf16 ulps of |terms| <= ~4 apart)
+    rtol, atol = (2e-2, 6e-2) if dtype == torch.bfloat16 else (1e-5, 1e-5)
+    torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol, equal_nan=True)
+
+
+@FUZZ
+@given(st.data())
 def test_optimizer_steps(data):
     shape = tuple(data.draw(st.lists(st.integers(0, 7), min_size=1, max_size=3)))
     p = _tensor(data.draw, shape)

@@ -6,8 +6,11 @@
 Each rank builds the same model (same seed), ``ipex_lite.optimize``s it for bf16 training
 (split-BF16 weights, fused SGD), wraps it with ``ipex_lite.distributed.wrap_ddp`` (fp32
 all-reduce of the bf16 gradients, optimizer trails broadcast from rank 0) and trains on its
-slice of every global batch.  The tables are replicated (data parallel, dense gradients
-all-reduced).  At the end the ranks compare their fp32 master weights: they must agree bit for
+slice of every global batch.  The tables are replicated (data parallel): by default they
+share the momentum-SGD group and their dense gradients are all-reduced; with ``--fused-tables``
+they get their own plain-SGD group, ``optimize`` updates their touched rows inside backward,
+and ``wrap_ddp`` makes the ranks exchange their lookups (bytes proportional to the batch)
+instead of all-reducing (rows x dim) gradients.  At the end the ranks compare their fp32 master weights: they must agree bit for
 bit.  ``--save PATH`` writes rank 0's fp32 state_dict (the tests compare 1 and 2 ranks);
 ``--die-at-step K`` makes the last rank exit at step K (the others must fail, not hang).
 """
@@ -46,6 +49,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--save", default=None)
     parser.add_argument("--die-at-step", type=int, default=None)
+    parser.add_argument("--fused-tables", action="store_true",
+                        help="plain SGD for the tables: touched-row updates in backward, lookups exchanged")
     args = parser.parse_args(argv)
     init()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -54,9 +59,15 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     model = DLRM(tables=args.tables, rows=args.rows, dim=32, bottom=(64, 32), top=(128, 64)).train()
-    model, opt = ipex_lite.optimize(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+    tables = list(model.embs.parameters()) if args.fused_tables else []
+    rest = [p for p in model.parameters() if all(p is not t for t in tables)]
+    groups = [{"params": rest}] + ([{"params": tables, "momentum": 0.0}] if tables else [])
+    model, opt = ipex_lite.optimize(model, optimizer=torch.optim.SGD(groups, lr=0.05, momentum=0.9),
                                     dtype=torch.bfloat16)
     ddp = wrap_ddp(model, opt)
+    if rank == 0:
+        fused = sum(isinstance(m, ipex_lite.nn.modules.SGDEmbeddingBag) for m in model.modules())
+        print(f"tables updated inside backward: {fused} of {args.tables}", flush=True)
     loss_fn = nn.BCELoss()
     per = args.batch // world
     times = []

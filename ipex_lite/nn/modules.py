@@ -211,8 +211,25 @@ class _FusedUpdateLookup(torch.autograd.Function):
         t = ctx.t
         saved = ctx.saved_tensors
         indices, offsets, psw = list(saved[:t]), list(saved[t:2 * t]), list(saved[2 * t:])
-        ctx.module._apply_update(list(grads), indices, offsets, psw)
+        ctx.module._apply_update(*_update_lookups(ctx.module, list(grads), indices, offsets, psw))
         return (None, None, *([None] * (t + len(saved))))
+
+
+def _update_lookups(module, grads, indices, offsets, psw):
+    """The lookups a table update applies: this rank's, or every rank's for
+    tables replicated by ipex_lite.distributed.wrap_ddp (each replica then
+    applies the same update, the one a single process would on the whole
+    batch).  Returns (grads, indices, offsets, psw, include_last_offset)."""
+    if module.process_group is None:
+        from ..distributed import is_multi_rank
+        if is_multi_rank():
+            raise RuntimeError(f"{type(module).__name__}: its update inside backward would use this rank's "
+                               "lookups only; wrap the model with ipex_lite.distributed.wrap_ddp, which "
+                               "replicates the tables and exchanges every rank's lookups")
+        return grads, indices, offsets, psw, module.include_last_offset
+    from ..distributed import gather_lookups
+    return (*gather_lookups(grads, indices, offsets, psw, module.include_last_offset, module.process_group),
+            False)
 
 
 class _FusedUpdateBase(MergedEmbeddingBag):
@@ -222,6 +239,7 @@ class _FusedUpdateBase(MergedEmbeddingBag):
     def __init__(self, embedding_specs, include_last_offset=False, split_bf16: Optional[bool] = None):
         super().__init__(embedding_specs, include_last_offset)
         self.sparse = False  # tables are updated in backward: no gradient, sparse or dense, is produced
+        self.process_group = None  # set by ipex_lite.distributed.wrap_ddp
         bf16 = self.weights[0].dtype == torch.bfloat16
         self.split_bf16 = bf16 if split_bf16 is None else bool(split_bf16)
         if self.split_bf16 and not bf16:
@@ -306,11 +324,10 @@ class MergedEmbeddingBagWithSGD(_FusedUpdateBase):
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
 
-    def _apply_update(self, grads, indices, offsets, psw):
+    def _apply_update(self, grads, indices, offsets, psw, include_last):
         with torch.no_grad():
             ops.merged_embedding_bag_sgd_(grads, [w.data for w in self.weights], self.trails(), indices, offsets,
-                                          self.pooling_mode, self.include_last_offset, psw, self.lr,
-                                          self.weight_decay)
+                                          self.pooling_mode, include_last, psw, self.lr, self.weight_decay)
 
 
 class MergedEmbeddingBagWithAdaGrad(_FusedUpdateBase):
@@ -332,11 +349,11 @@ class MergedEmbeddingBagWithAdaGrad(_FusedUpdateBase):
     def state_sums(self) -> List[torch.Tensor]:
         return [getattr(self, f"state_sum_{i}") for i in range(len(self.weights))]
 
-    def _apply_update(self, grads, indices, offsets, psw):
+    def _apply_update(self, grads, indices, offsets, psw, include_last):
         with torch.no_grad():
             ops.merged_embedding_bag_adagrad_(grads, [w.data for w in self.weights], self.trails(),
                                               self.state_sums(), indices, offsets, self.pooling_mode,
-                                              self.include_last_offset, psw, self.lr, self.eps)
+                                              include_last, psw, self.lr, self.eps)
 
 
 class MergedEmbeddingBagWithCat(MergedEmbeddingBag):
@@ -369,12 +386,12 @@ class _TableSGDLookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         saved = ctx.saved_tensors
-        indices, offsets, psw = saved[0], saved[1], list(saved[2:])
         m = ctx.module
+        grads, indices, offsets, psw, include_last = _update_lookups(
+            m, [grad.to(m.weight.dtype).contiguous()], [saved[0]], [saved[1]], list(saved[2:]))
         with torch.no_grad():
-            ops.merged_embedding_bag_sgd_([grad.to(m.weight.dtype).contiguous()], [m.weight.data], m.trails(),
-                                          [indices], [offsets], m.pooling_mode, m.include_last_offset, psw,
-                                          float(m.sgd_group["lr"]), 0.0)
+            ops.merged_embedding_bag_sgd_(grads, [m.weight.data], m.trails(), indices, offsets, m.pooling_mode,
+                                          include_last, psw, float(m.sgd_group["lr"]), 0.0)
         return None, None, None, None, None
 
 
@@ -401,6 +418,7 @@ class SGDEmbeddingBag(nn.Module):
         self.include_last_offset = emb.include_last_offset
         self.sgd_group = sgd_group
         self.split_bf16 = split_bf16
+        self.process_group = None  # set by ipex_lite.distributed.wrap_ddp
         w = emb.weight.detach()
         if split_bf16:
             top, trail = _split(w.float().contiguous())

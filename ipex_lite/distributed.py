@@ -66,19 +66,22 @@ def broadcast_master_weights(optimizer: torch.optim.Optimizer, src: int = 0, gro
 
 
 def _all_gather_bytes(flat: torch.Tensor, group) -> List[torch.Tensor]:
-    """Every rank's 1-D tensor (any length, one dtype), in rank order.  Sent as raw bytes so
-    bf16 survives gloo, which does not handle it."""
+    """Every rank's 1-D uint8 tensor (any length), in rank order: two all-gathers (sizes, then
+    the payloads padded to the longest)."""
     world = dist.get_world_size(group)
-    raw = flat.contiguous().view(torch.uint8)
-    size = torch.tensor([raw.numel()], dtype=torch.long)
+    size = torch.tensor([flat.numel()], dtype=torch.long)
     sizes = [torch.empty_like(size) for _ in range(world)]
     dist.all_gather(sizes, size, group=group)
     top = max(int(n) for n in sizes)
     send = torch.zeros(top, dtype=torch.uint8)
-    send[:raw.numel()] = raw
+    send[:flat.numel()] = flat
     bufs = [torch.empty(top, dtype=torch.uint8) for _ in range(world)]
     dist.all_gather(bufs, send, group=group)
-    return [b[:int(n)].view(flat.dtype) for b, n in zip(bufs, sizes)]
+    return [b[:int(n)] for b, n in zip(bufs, sizes)]
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)  # raw bits: gloo does not carry bf16
 
 
 @torch.no_grad()
@@ -86,12 +89,13 @@ def gather_lookups(grads: Sequence[torch.Tensor], indices: Sequence[torch.Tensor
                    per_sample_weights: Sequence[torch.Tensor], include_last_offset: bool, group=None):
     """One step's table lookups of every rank as one global batch (rank order): per table the
     concatenated indices (int64), offsets (no trailing entry) and pooled gradients divided by the
-    world size (DDP's average), and per-sample weights when given.  Three all-gathers for all
-    tables together.  Each rank's batch size may differ."""
+    world size (DDP's average), and per-sample weights when given.  One variable-size all-gather
+    (two collectives) for all tables together; each rank's batch size may differ."""
     group = group or dist.group.WORLD
     world = dist.get_world_size(group)
     tables = len(grads)
-    batch = grads[0].shape[0] if tables else 0
+    batch, dim = grads[0].shape
+    dtype = grads[0].dtype
     ix_parts, off_parts, psw_parts = [], [], []
     for t in range(tables):
         ix, off = indices[t].reshape(-1).long(), offsets[t].reshape(-1).long()
@@ -99,21 +103,22 @@ def gather_lookups(grads: Sequence[torch.Tensor], indices: Sequence[torch.Tensor
         ix_parts.append(ix[:used])
         off_parts.append(off[:batch])
         if per_sample_weights:
-            psw_parts.append(per_sample_weights[t].reshape(-1)[:used])
+            psw_parts.append(per_sample_weights[t].reshape(-1)[:used].to(dtype))
     lens = [p.numel() for p in ix_parts]
     meta = torch.cat([torch.tensor([batch, *lens], dtype=torch.long), *ix_parts, *off_parts])
-    metas = _all_gather_bytes(meta, group)
-    dim = grads[0].shape[1] if tables else 0
-    pooled = _all_gather_bytes(torch.cat([g.reshape(-1) for g in grads]), group)
-    weights = _all_gather_bytes(torch.cat(psw_parts), group) if per_sample_weights else None
+    payload = torch.cat([_as_bytes(meta), *(_as_bytes(g) for g in grads), *(_as_bytes(w) for w in psw_parts)])
+    elem = grads[0].element_size()
     out_ix, out_off, out_g, out_psw = ([[] for _ in range(tables)] for _ in range(4))
-    for r in range(world):
-        b = int(metas[r][0])
-        r_lens = metas[r][1:1 + tables].tolist()
-        ixs = metas[r][1 + tables:1 + tables + sum(r_lens)].split(r_lens)
-        offs = metas[r][1 + tables + sum(r_lens):].split(b)
-        gs = pooled[r].view(tables, b, dim)
-        ws = weights[r].split(r_lens) if weights is not None else None
+    for got in _all_gather_bytes(payload, group):
+        b = int(got[:8].view(torch.long))
+        r_lens = got[8:8 * (1 + tables)].view(torch.long).tolist()
+        n_meta = 1 + tables + sum(r_lens) + tables * b
+        r_meta = got[:8 * n_meta].view(torch.long)
+        ixs = r_meta[1 + tables:1 + tables + sum(r_lens)].split(r_lens)
+        offs = r_meta[1 + tables + sum(r_lens):].split(b)
+        g_end = 8 * n_meta + tables * b * dim * elem
+        gs = got[8 * n_meta:g_end].view(dtype).view(tables, b, dim)
+        ws = got[g_end:].view(dtype).split(r_lens) if per_sample_weights else None
         for t in range(tables):
             base = sum(p.numel() for p in out_ix[t])
             out_ix[t].append(ixs[t])
@@ -121,9 +126,8 @@ def gather_lookups(grads: Sequence[torch.Tensor], indices: Sequence[torch.Tensor
             out_g[t].append(gs[t])
             if ws is not None:
                 out_psw[t].append(ws[t])
-    cat = [torch.cat(parts) for parts in out_g]
-    return ([g.div_(world) for g in cat], [torch.cat(p) for p in out_ix], [torch.cat(p) for p in out_off],
-            [torch.cat(p) for p in out_psw] if weights is not None else [])
+    return ([torch.cat(p).div_(world) for p in out_g], [torch.cat(p) for p in out_ix],
+            [torch.cat(p) for p in out_off], [torch.cat(p) for p in out_psw] if per_sample_weights else [])
 
 
 def _replicate_fused_tables(model: nn.Module, group) -> List[str]:

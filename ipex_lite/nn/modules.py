@@ -220,6 +220,9 @@ def _update_lookups(module, grads, indices, offsets, psw):
     tables replicated by ipex_lite.distributed.wrap_ddp (each replica then
     applies the same update, the one a single process would on the whole
     batch).  Returns (grads, indices, offsets, psw, include_last_offset)."""
+    import torch.distributed as dist
+    if module.process_group is not None and dist.get_world_size(module.process_group) == 1:
+        return grads, indices, offsets, psw, module.include_last_offset
     if module.process_group is None:
         from ..distributed import is_multi_rank
         if is_multi_rank():

@@ -3,9 +3,11 @@ Adagrad updates, with the dense feature concatenated)."""
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .._ops import _no_psw_grad
+from ..distributed import gather_lookups, is_multi_rank
 
 __all__ = ["EmbeddingSpec", "MergedEmbeddingBag", "MergedEmbeddingBagWithSGD", "MergedEmbeddingBagWithAdaGrad",
            "MergedEmbeddingBagWithCat"]
@@ -220,19 +222,17 @@ def _update_lookups(module, grads, indices, offsets, psw):
     tables replicated by ipex_lite.distributed.wrap_ddp (each replica then
     applies the same update, the one a single process would on the whole
     batch).  Returns (grads, indices, offsets, psw, include_last_offset)."""
-    import torch.distributed as dist
-    if module.process_group is not None and dist.get_world_size(module.process_group) == 1:
-        return grads, indices, offsets, psw, module.include_last_offset
-    if module.process_group is None:
-        from ..distributed import is_multi_rank
+    group = getattr(module, "process_group", None)  # modules pickled before it existed have none
+    local = (grads, indices, offsets, psw, module.include_last_offset)
+    if group is None:
         if is_multi_rank():
             raise RuntimeError(f"{type(module).__name__}: its update inside backward would use this rank's "
                                "lookups only; wrap the model with ipex_lite.distributed.wrap_ddp, which "
                                "replicates the tables and exchanges every rank's lookups")
-        return grads, indices, offsets, psw, module.include_last_offset
-    from ..distributed import gather_lookups
-    return (*gather_lookups(grads, indices, offsets, psw, module.include_last_offset, module.process_group),
-            False)
+        return local
+    if dist.get_world_size(group) == 1:
+        return local
+    return (*gather_lookups(grads, indices, offsets, psw, module.include_last_offset, group), False)
 
 
 class _FusedUpdateBase(MergedEmbeddingBag):

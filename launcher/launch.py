@@ -9,11 +9,13 @@ against canned topologies and fake library dirs.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -54,6 +56,10 @@ examples:
 
   # node 1 of 2, 4 ranks per node, rank 0 on host n0
   ipex-lite-run --nnodes 2 --node-rank 1 --nproc-per-node 4 --master-addr n0 train.py
+
+  # the same command on every host of the file (node rank = this host's line, rank 0 on the first
+  # host); ranks started by torch.distributed.run, restarted up to 3 times on a failure
+  ipex-lite-run --hostfile hosts.txt --nproc-per-node 4 --torchrun --max-restarts 3 train.py
 
 Each instance sees IPEX_LITE_INSTANCE_IDX=<i> and OMP_NUM_THREADS=<its core count>.  Variables
 already exported (OMP_NUM_THREADS, MALLOC_CONF, KMP_*, ...) are kept, with a warning; LD_PRELOAD
@@ -101,10 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--nproc-per-node", type=int, default=None,
                    help="ranks on this node: one instance each, with RANK / LOCAL_RANK / WORLD_SIZE / "
                         "MASTER_ADDR / MASTER_PORT set")
-    d.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default: %(default)s)")
-    d.add_argument("--node-rank", type=int, default=0, help="this node's index (default: %(default)s)")
-    d.add_argument("--master-addr", default="127.0.0.1", help="rank 0's address (default: %(default)s)")
+    d.add_argument("--nnodes", type=int, default=None, help="nodes in the job (default: 1, or the hostfile's)")
+    d.add_argument("--node-rank", type=int, default=None,
+                   help="this node's index (default: 0, or this host's line in the hostfile)")
+    d.add_argument("--master-addr", default=None,
+                   help="rank 0's address (default: 127.0.0.1, or the hostfile's first host)")
     d.add_argument("--master-port", type=int, default=29500, help="rank 0's port (default: %(default)s)")
+    d.add_argument("--hostfile", default=None, metavar="FILE",
+                   help="the job's hosts, one per line (# comments; words after the host are ignored): "
+                        "sets --nnodes, --master-addr and this node's --node-rank; run the same command "
+                        "on every host")
+    d.add_argument("--torchrun", action="store_true",
+                   help="start the ranks through torch.distributed.run (its rendezvous, failure "
+                        "monitoring and restarts) instead of directly; each rank still gets its cores, "
+                        "allocator and OpenMP environment")
+    d.add_argument("--max-restarts", type=int, default=0,
+                   help="with --torchrun: restart all ranks up to N times when one fails; note that torch's "
+                        "restarted ranks can fail to re-form a gloo group (pytorch#167288) (default: %(default)s)")
     o = p.add_argument_group("program and output")
     o.add_argument("--log-dir", default=None, help="write each instance's stdout+stderr to a file in this dir")
     o.add_argument("--log-file-prefix", default="run", help="log file name prefix (default: %(default)s)")
@@ -180,11 +199,61 @@ def distributed_env(args: argparse.Namespace, local_rank: int) -> Dict[str, str]
             "MASTER_ADDR": args.master_addr, "MASTER_PORT": str(args.master_port)}
 
 
-def _check_distributed(args: argparse.Namespace) -> None:
+def read_hostfile(path: str) -> List[str]:
+    """Host names or addresses, one per line; blank lines, # comments and words after the host
+    (e.g. MPI's ``slots=4``) are ignored."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise LauncherError(f"--hostfile {path}: {e.strerror}") from e
+    hosts = [line.split("#", 1)[0].split()[0] for line in lines if line.split("#", 1)[0].strip()]
+    if not hosts:
+        raise LauncherError(f"--hostfile {path} lists no hosts")
+    if len(set(hosts)) != len(hosts):
+        raise LauncherError(f"--hostfile {path} lists a host twice: {hosts}")
+    return hosts
+
+
+def local_identities() -> set:
+    """Names and addresses this machine answers to."""
+    names = {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn(),
+             socket.gethostname().split(".")[0]}
+    try:
+        names |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+    except OSError:
+        pass
+    return names
+
+
+def _apply_hostfile(args: argparse.Namespace, identities: Callable[[], set]) -> None:
+    hosts = read_hostfile(args.hostfile)
+    if args.nnodes not in (None, len(hosts)):
+        raise LauncherError(f"--nnodes {args.nnodes} contradicts the {len(hosts)} hosts of --hostfile")
+    args.nnodes = len(hosts)
+    if args.master_addr is None:
+        args.master_addr = hosts[0]
+    if args.node_rank is None:
+        mine = identities()
+        matches = [i for i, h in enumerate(hosts) if h in mine]
+        if len(matches) != 1:
+            raise LauncherError(f"this host ({socket.gethostname()}) is {'not' if not matches else 'more than once'} "
+                                f"in --hostfile {args.hostfile} ({hosts}); pass --node-rank")
+        args.node_rank = matches[0]
+
+
+def _check_distributed(args: argparse.Namespace, identities: Callable[[], set] = local_identities) -> None:
+    if args.hostfile:
+        _apply_hostfile(args, identities)
     if args.nproc_per_node is None:
-        if args.nnodes != 1 or args.node_rank != 0:
-            raise LauncherError("--nnodes / --node-rank need --nproc-per-node")
+        if args.nnodes not in (None, 1) or args.node_rank not in (None, 0) or args.torchrun:
+            raise LauncherError("--nnodes / --node-rank / --hostfile / --torchrun need --nproc-per-node")
         return
+    args.nnodes = 1 if args.nnodes is None else args.nnodes
+    args.node_rank = 0 if args.node_rank is None else args.node_rank
+    args.master_addr = args.master_addr or "127.0.0.1"
+    if args.max_restarts < 0 or (args.max_restarts and not args.torchrun):
+        raise LauncherError("--max-restarts needs --torchrun and must be at least 0")
     if args.nproc_per_node < 1 or args.nnodes < 1:
         raise LauncherError("--nproc-per-node and --nnodes must be at least 1")
     if not 0 <= args.node_rank < args.nnodes:
@@ -212,7 +281,7 @@ def prepare(args: argparse.Namespace, info: CPUInfo, lib_dirs: Sequence[str],
         wanted = instance_env(inst.cores, runtime, inst.index, benchmark=args.benchmark,
                               bound=manager != "none")
         changes, kept = resolve_env(wanted, runtime, environ)
-        if args.nproc_per_node is not None:  # per-rank values always win over inherited ones
+        if args.nproc_per_node is not None and not args.torchrun:  # per-rank values win over inherited ones
             changes.update(distributed_env(args, inst.index))
         for name, values in kept.items():
             kept_all.setdefault(name, values)
@@ -234,6 +303,39 @@ def describe(launch: Launch) -> str:
     if launch.log_path:
         lines.append(f"  log: {launch.log_path}")
     return "\n".join(lines)
+
+
+RANK_ENTRY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_rank_entry.py")
+
+
+def torchrun_argv(args: argparse.Namespace, launches: Sequence[Launch], python: str = sys.executable) -> List[str]:
+    """One torch.distributed.run command for this node.  Its workers run _rank_entry.py, which
+    applies each local rank's environment and log file and then execs that rank's command."""
+    plan = [{"argv": launch.argv, "env": launch.env_changes, "log": launch.log_path} for launch in launches]
+    return [python, "-m", "torch.distributed.run", "--nnodes", str(args.nnodes),
+            "--nproc-per-node", str(args.nproc_per_node), "--node-rank", str(args.node_rank),
+            "--master-addr", args.master_addr, "--master-port", str(args.master_port),
+            "--max-restarts", str(args.max_restarts), RANK_ENTRY, json.dumps(plan)]
+
+
+def run_torchrun(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    """torch.distributed.run in the foreground; it forwards signals to its workers itself."""
+    proc = subprocess.Popen(list(argv), env=dict(environ))
+
+    def forward(signum, _frame):
+        if not (signum == signal.SIGINT and _foreground_on_tty()) and proc.poll() is None:
+            proc.send_signal(signum)
+    old = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[s] = signal.signal(s, forward)
+        except ValueError:
+            pass
+    try:
+        return worst_exit_code([proc.wait()])
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def worst_exit_code(codes: Sequence[int]) -> int:
@@ -338,6 +440,17 @@ def main(argv: Optional[Sequence[str]] = None, *, cpu_info: Optional[CPUInfo] = 
     except LauncherError as e:
         print(f"ipex-lite-run: error: {e}", file=sys.stderr)
         return 1
+    if args.torchrun:
+        argv = torchrun_argv(args, launches)
+        if args.dry_run:
+            print("torch.distributed.run (sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT per worker):")
+            print("  cmd: " + shlex.join(argv[:-1]) + " <plan>")
+            print("\n".join(describe(launch) for launch in launches))
+            return 0
+        # torchrun would otherwise set (and announce) OMP_NUM_THREADS=1; each rank's own value is
+        # applied by _rank_entry.py before its program starts
+        omp = launches[0].env_changes.get("OMP_NUM_THREADS") if launches else None
+        return run_torchrun(argv, {**environ, **({"OMP_NUM_THREADS": omp} if omp else {})})
     if args.dry_run:
         print("\n".join(describe(launch) for launch in launches))
         return 0

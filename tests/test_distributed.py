@@ -189,6 +189,77 @@ def test_launcher_sets_rank_variables():
     assert bad.returncode != 0 and "--node-rank" in bad.stderr
 
 
+def _dry(*flags):
+    return subprocess.run([sys.executable, "-m", "ipex_lite.launcher", "--multi-task-manager", "none",
+                           "--dry-run", *flags, "x.py"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_hostfile_sets_nodes_master_and_this_node_rank(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"# the job\nnode-a slots=4\n\n{socket.gethostname()}  # this machine\n")
+    r = _dry("--hostfile", str(hosts), "--nproc-per-node", "2")
+    assert r.returncode == 0, r.stderr
+    for needle in ("RANK=2 ", "RANK=3 ", "WORLD_SIZE=4", "MASTER_ADDR=node-a", "GROUP_RANK=1"):
+        assert needle in r.stdout, needle
+    # an explicit --node-rank wins; --master-addr too
+    r = _dry("--hostfile", str(hosts), "--nproc-per-node", "1", "--node-rank", "0", "--master-addr", "10.1.1.1")
+    assert "RANK=0 " in r.stdout and "MASTER_ADDR=10.1.1.1" in r.stdout and "WORLD_SIZE=2" in r.stdout
+    other = tmp_path / "other"
+    other.write_text("node-a\nnode-b\n")
+    for flags, message in ((["--hostfile", str(other)], "is not in --hostfile"),
+                           (["--hostfile", str(hosts), "--nnodes", "3"], "contradicts"),
+                           (["--hostfile", str(tmp_path / "missing")], "No such file"),
+                           (["--max-restarts", "2"], "--max-restarts needs --torchrun")):
+        bad = _dry(*flags, "--nproc-per-node", "2")
+        assert bad.returncode != 0 and message in bad.stderr, (flags, bad.stderr)
+    dup = tmp_path / "dup"
+    dup.write_text("node-a\nnode-a\n")
+    assert "twice" in _dry("--hostfile", str(dup), "--nproc-per-node", "1").stderr
+
+
+def test_torchrun_dry_run_shows_one_torchrun_and_each_rank():
+    r = _dry("--torchrun", "--nproc-per-node", "2", "--nnodes", "2", "--node-rank", "1", "--master-addr", "n0",
+             "--max-restarts", "3")
+    assert r.returncode == 0, r.stderr
+    cmd = r.stdout.splitlines()[1]
+    assert "-m torch.distributed.run" in cmd and "--max-restarts 3" in cmd and "--node-rank 1" in cmd
+    assert "--master-addr n0" in cmd and "_rank_entry.py <plan>" in cmd
+    assert r.stdout.count("cmd: ") == 3 and "RANK=" not in r.stdout  # torchrun sets the rank variables
+
+
+_PROBE = """
+import json, os, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+t = torch.tensor([dist.get_rank() + 1.0])
+dist.all_reduce(t)
+print(json.dumps({"rank": dist.get_rank(), "world": dist.get_world_size(), "sum": t.item(),
+                  "cpus": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
+                  "torchrun": "TORCHELASTIC_RESTART_COUNT" in os.environ,
+                  "idx": os.environ.get("IPEX_LITE_INSTANCE_IDX")}), flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_torchrun_starts_pinned_ranks(tmp_path):
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 allowed CPUs")
+    script = tmp_path / "probe.py"
+    script.write_text(_PROBE)
+    logs = tmp_path / "logs"
+    r = subprocess.run([sys.executable, "-m", "ipex_lite.launcher", "--torchrun", "--nproc-per-node", "2",
+                        "--master-port", str(free_port()), "--log-dir", str(logs), str(script)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr + "".join(p.read_text() for p in logs.glob("*.log"))
+    import json
+    docs = sorted((json.loads(line) for p in logs.glob("*.log") for line in p.read_text().splitlines()
+                   if line.startswith("{")), key=lambda d: d["rank"])
+    assert [d["rank"] for d in docs] == [0, 1] and all(d["world"] == 2 and d["sum"] == 3.0 for d in docs)
+    assert all(d["torchrun"] and d["threads"] == 1 and len(d["cpus"]) == 1 for d in docs), docs
+    assert docs[0]["cpus"] != docs[1]["cpus"]  # each local rank on its own core
+    assert {d["idx"] for d in docs} == {"0", "1"}
+
+
 @pytest.fixture
 def one_rank_group():
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))

@@ -43,6 +43,8 @@ def allreduce_hook(state: torch.dtype, bucket):
     buf = bucket.buffer()
     wide = buf.to(state).div_(world)
     fut = dist.all_reduce(wide, async_op=True).get_future()
+    if buf.is_sparse:  # a sparse embedding's own bucket: DDP takes the reduced tensor as the gradient
+        return fut.then(lambda f: f.value()[0].to(buf.dtype))
 
     def done(f):
         buf.copy_(f.value()[0])
@@ -130,6 +132,32 @@ def gather_lookups(grads: Sequence[torch.Tensor], indices: Sequence[torch.Tensor
             [torch.cat(p) for p in out_off], [torch.cat(p) for p in out_psw] if per_sample_weights else [])
 
 
+def _sparse_allreduce(group):
+    def hook(param: torch.Tensor) -> None:
+        grad = param.grad.coalesce()
+        dist.all_reduce(grad, group=group)  # gloo: an all-gather of every rank's touched rows, summed
+        param.grad = grad.div_(dist.get_world_size(group))
+    return hook
+
+
+def _replicate_sparse_tables(model: nn.Module, group) -> List[str]:
+    """MergedEmbeddingBag tables with sparse gradients, which DDP would treat as dense (it only
+    knows nn.Embedding / nn.EmbeddingBag as sparse): kept out of DDP, broadcast from rank 0,
+    and their (touched-row) gradients all-reduced as sparse tensors once accumulated."""
+    from .nn.modules import MergedEmbeddingBag, _FusedUpdateBase
+    skip = []
+    for name, m in model.named_modules():
+        if not isinstance(m, MergedEmbeddingBag) or isinstance(m, _FusedUpdateBase) or not m.sparse:
+            continue
+        prefix = name + "." if name else ""
+        with torch.no_grad():
+            for pname, p in m.named_parameters():
+                dist.broadcast(p.data.view(torch.uint8) if p.dtype == torch.bfloat16 else p.data, 0, group=group)
+                p.register_post_accumulate_grad_hook(_sparse_allreduce(group))
+                skip.append(prefix + pname)
+    return skip
+
+
 def _replicate_fused_tables(model: nn.Module, group) -> List[str]:
     """Tables updated inside backward: rank 0's weights, trails and Adagrad sums everywhere,
     lookups exchanged in backward; returns their parameter and buffer names for DDP to skip."""
@@ -165,7 +193,8 @@ def wrap_ddp(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None
         raise ValueError("wrap_ddp: gloo does not reduce bfloat16; use allreduce_dtype=torch.float32")
     if allreduce_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"wrap_ddp: allreduce_dtype must be torch.float32 or torch.bfloat16, got {allreduce_dtype}")
-    skip = _replicate_fused_tables(model, ddp_kwargs.get("process_group") or dist.group.WORLD)
+    group = ddp_kwargs.get("process_group") or dist.group.WORLD
+    skip = _replicate_fused_tables(model, group) + _replicate_sparse_tables(model, group)
     if optimizer is not None:
         broadcast_master_weights(optimizer, 0)
     if skip:

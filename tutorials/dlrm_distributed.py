@@ -16,6 +16,7 @@ bit.  ``--save PATH`` writes rank 0's fp32 state_dict (the tests compare 1 and 2
 """
 import argparse
 import datetime
+import gc
 import os
 import socket
 import sys
@@ -102,6 +103,8 @@ def main(argv=None) -> int:
         if args.save:
             torch.save(state, args.save)
     dist.barrier()  # every rank done with its sockets before any tears the group down
+    del ddp  # DDP before its process group: the other order can abort at exit ("terminate called ...")
+    gc.collect()
     dist.destroy_process_group()
     return 0 if agree else 1
 

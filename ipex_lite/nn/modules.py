@@ -132,6 +132,10 @@ class MergedEmbeddingBag(nn.Module):
         kwargs.setdefault("include_last_offset", bool(include_last))
         return cls(specs, **kwargs)
 
+    def _weight_list(self) -> List[torch.Tensor]:
+        # indexing, not list(ParameterList): torch 2.8's dynamo cannot trace the latter
+        return [self.weights[i] for i in range(len(self.weights))]
+
     def _lists(self, indices: Lists, offsets: Lists, per_sample_weights) -> Tuple[list, list, list]:
         t = len(self.weights)
         if isinstance(indices, torch.Tensor):
@@ -151,7 +155,7 @@ class MergedEmbeddingBag(nn.Module):
     def forward(self, indices: Lists, offsets: Lists,
                 per_sample_weights: Optional[Lists] = None) -> List[torch.Tensor]:
         indices, offsets, psw = self._lists(indices, offsets, per_sample_weights)
-        weights = list(self.weights)
+        weights = self._weight_list()
         if self.sparse and torch.is_grad_enabled() and any(w.requires_grad for w in weights):
             return list(_SparseGradLookup.apply(self.pooling_mode, self.include_last_offset, len(weights),
                                                 *weights, *indices, *offsets, *psw))
@@ -268,7 +272,7 @@ class _FusedUpdateBase(MergedEmbeddingBag):
 
     def forward(self, indices: Lists, offsets: Lists, per_sample_weights: Optional[Lists] = None):
         indices, offsets, psw = self._lists(indices, offsets, per_sample_weights)
-        weights = list(self.weights)
+        weights = self._weight_list()
         if torch.is_grad_enabled():
             return list(_FusedUpdateLookup.apply(self, len(weights), *weights, *indices, *offsets, *psw))
         return list(ops.merged_embedding_bag_forward(weights, indices, offsets, self.pooling_mode,
@@ -369,7 +373,7 @@ class MergedEmbeddingBagWithCat(MergedEmbeddingBag):
         if self.sparse:
             raise ValueError("MergedEmbeddingBagWithCat produces dense gradients; use sparse=False")
         indices, offsets, psw = self._lists(indices, offsets, per_sample_weights)
-        return ops.merged_embedding_bag_cat_forward(dense, list(self.weights), indices, offsets, self.pooling_mode,
+        return ops.merged_embedding_bag_cat_forward(dense, self._weight_list(), indices, offsets, self.pooling_mode,
                                                     self.include_last_offset, psw)
 
 

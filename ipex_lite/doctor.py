@@ -177,8 +177,9 @@ def _allocator_info(libs: List[str]) -> Dict[str, object]:
 
 def _cpu_topology() -> Dict[str, object]:
     try:
-        affinity = sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
+        from . import _C
+        affinity = sorted(_C.process_cpus())  # the OpenMP places too: OMP_PROC_BIND narrows this thread's mask
+    except (ImportError, OSError):
         affinity = list(range(os.cpu_count() or 1))
     # Physical cores among the CPUs we may run on: one per distinct thread-sibling set.
     cores = set()

@@ -2,6 +2,10 @@
 multi-stream inference equal to the plain model (uneven splits, tiny
 batches, nested inputs/outputs, optimized and int8 models, concurrent
 callers), errors surfacing in the caller."""
+import json
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -156,3 +160,35 @@ def test_auto_and_bad_arguments():
         _C.bind_current_thread([])
     with pytest.raises(ValueError, match="out of range"):
         _C.bind_current_thread([-1])
+
+
+_PROC_BIND_SCRIPT = """
+import json, os, torch, ipex_lite
+from ipex_lite import _C
+from ipex_lite.cpu.runtime import CPUPool, Task, pin
+torch.ones(64, 64).sum()
+cores = CPUPool().core_ids
+last = Task(lambda: _C.team_affinities(), CPUPool([cores[-1]])).run_sync()
+both = Task(lambda: _C.team_affinities(), CPUPool(cores[:2])).run_sync()
+before = _C.team_affinities()
+with pin(CPUPool([cores[-1]])):
+    inside = _C.team_affinities()
+print(json.dumps({"thread": sorted(os.sched_getaffinity(0)), "process": _C.process_cpus(), "cores": cores,
+                  "last": last, "both": both, "inside": inside, "restored": _C.team_affinities() == before}))
+"""
+
+
+@needs_two
+def test_streams_bind_their_openmp_teams_under_omp_proc_bind():
+    """ipex-lite-run sets OMP_PROC_BIND: the OpenMP runtime then narrows the main thread to its
+    first place and would bind a stream's team by its places, not by the stream's cores."""
+    env = dict(os.environ, OMP_PROC_BIND="CLOSE", OMP_NUM_THREADS=str(len(CORES)))
+    r = subprocess.run([sys.executable, "-c", _PROC_BIND_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(got["thread"]) == 1  # what os.sched_getaffinity sees on the main thread
+    assert got["process"] == sorted(CORES) and got["cores"] == CORES
+    assert got["last"] == [[CORES[-1]]]
+    assert got["both"] == [[CORES[0]], [CORES[1]]]
+    assert got["inside"] == [[CORES[-1]]] and got["restored"]

@@ -57,9 +57,63 @@ PyObject* bind_current_thread(PyObject*, PyObject* cpus) {
   Py_RETURN_NONE;
 }
 
+PyObject* bind_team(PyObject*, PyObject* per_thread) {
+  PyObject* seq = PySequence_Fast(per_thread, "bind_team: expected one CPU list per team thread");
+  if (seq == nullptr) return nullptr;
+  std::vector<cpu_set_t> sets(static_cast<size_t>(PySequence_Fast_GET_SIZE(seq)));
+  for (size_t t = 0; t < sets.size(); ++t) {
+    PyObject* cpus = PySequence_Fast(PySequence_Fast_GET_ITEM(seq, t), "bind_team: each entry must be a CPU list");
+    if (cpus == nullptr) {
+      Py_DECREF(seq);
+      return nullptr;
+    }
+    CPU_ZERO(&sets[t]);
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(cpus);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      const long c = PyLong_AsLong(PySequence_Fast_GET_ITEM(cpus, i));
+      if ((c == -1 && PyErr_Occurred()) || c < 0 || c >= CPU_SETSIZE) {
+        Py_DECREF(cpus);
+        Py_DECREF(seq);
+        if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "bind_team: CPU id %ld out of range", c);
+        return nullptr;
+      }
+      CPU_SET(static_cast<int>(c), &sets[t]);
+    }
+    Py_DECREF(cpus);
+    if (n == 0) {
+      Py_DECREF(seq);
+      return PyErr_Format(PyExc_ValueError, "bind_team: empty CPU list for team thread %zu", t);
+    }
+  }
+  Py_DECREF(seq);
+  if (sets.empty()) return PyErr_Format(PyExc_ValueError, "bind_team: no team threads");
+  int failed = 0;
+  Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel num_threads(static_cast<int>(sets.size())) reduction(+ : failed)
+  failed += sched_setaffinity(0, sizeof(cpu_set_t), &sets[static_cast<size_t>(omp_get_thread_num())]) != 0;
+  Py_END_ALLOW_THREADS
+  if (failed != 0) return PyErr_SetFromErrno(PyExc_OSError);
+  Py_RETURN_NONE;
+}
+
 PyObject* current_thread_affinity(PyObject*, PyObject*) {
   cpu_set_t set;
   if (sched_getaffinity(0, sizeof(set), &set) != 0) return PyErr_SetFromErrno(PyExc_OSError);
+  return cpu_list(set);
+}
+
+PyObject* process_cpus(PyObject*, PyObject*) {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return PyErr_SetFromErrno(PyExc_OSError);
+  // With OMP_PROC_BIND set, the OpenMP runtime binds the initial thread to its first place when
+  // it loads, which hides the rest of the process's CPUs from sched_getaffinity; the places
+  // still list them.
+  for (int p = 0; p < omp_get_num_places(); ++p) {
+    std::vector<int> ids(static_cast<size_t>(omp_get_place_num_procs(p)));
+    omp_get_place_proc_ids(p, ids.data());
+    for (int c : ids)
+      if (c >= 0 && c < CPU_SETSIZE) CPU_SET(c, &set);
+  }
   return cpu_list(set);
 }
 

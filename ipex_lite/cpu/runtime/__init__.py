@@ -33,7 +33,9 @@ __all__ = ["CPUPool", "pin", "Task", "MultiStreamModule", "MultiStreamModuleHint
 
 def _cpu_info():
     from ...launcher.cpu_info import CPUInfo
-    return CPUInfo.discover()
+    # not os.sched_getaffinity: under OMP_PROC_BIND (ipex-lite-run sets it) that is only the
+    # main thread's first OpenMP place
+    return CPUInfo.discover(allowed=set(_C.process_cpus()))
 
 
 def get_core_list_of_node_id(node_id: int) -> List[int]:
@@ -59,7 +61,7 @@ class CPUPool:
             cores = get_core_list_of_node_id(node_id)
         elif core_ids is not None:
             cores = sorted({int(c) for c in core_ids})
-            allowed = set(_C.current_thread_affinity())
+            allowed = set(_C.process_cpus())
             bad = [c for c in cores if c not in allowed]
             if bad:
                 raise ValueError(f"CPUPool: CPUs {bad} are not available to this process (allowed: "
@@ -97,6 +99,7 @@ def _set_team_size(n: int) -> int:
 def _bind(pool: CPUPool) -> None:
     _C.bind_current_thread(pool.core_ids)
     _set_team_size(len(pool.core_ids))
+    _C.bind_team([[c] for c in pool.core_ids])  # one core per OpenMP thread, this thread on the first
 
 
 @contextlib.contextmanager
@@ -104,13 +107,16 @@ def pin(cpu_pool: CPUPool):
     """Runs the block on the calling thread bound to ``cpu_pool`` with an OpenMP team of its size;
     the thread's previous binding and team size come back afterwards."""
     old_cpus = _C.current_thread_affinity()
+    old_team = _C.team_affinities()
     old_threads = _set_team_size(len(cpu_pool.core_ids))
     try:
         _C.bind_current_thread(cpu_pool.core_ids)
+        _C.bind_team([[c] for c in cpu_pool.core_ids])
         yield cpu_pool
     finally:
-        _C.bind_current_thread(old_cpus)
         _C.set_thread_num_threads(old_threads)
+        _C.bind_team(old_team)  # every team thread back where it was
+        _C.bind_current_thread(old_cpus)
 
 
 class Task:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.harness import Report, add_common_args, measure, setup_from_args  # noqa: E402
+from bench.harness import Report, add_common_args, import_ipex, measure, setup_from_args  # noqa: E402
 
 from ipex_lite.nn import MergedEmbeddingBag, MergedEmbeddingBagWithSGD  # noqa: E402
 
@@ -24,6 +24,11 @@ def make_inputs(tables, rows, batch, pooling, seed=0):
     indices = [torch.randint(0, rows, (batch * pooling,), generator=g) for _ in range(tables)]
     offsets = [torch.arange(0, batch * pooling, pooling) for _ in range(tables)]
     return indices, offsets
+
+
+def _no_grad(module, indices, offsets):
+    with torch.no_grad():
+        return module(indices, offsets)
 
 
 def main(argv=None):
@@ -41,10 +46,12 @@ def main(argv=None):
     torch.manual_seed(0)
     report = Report(f"embedding bags: {args.tables} tables x {args.rows} x {args.dim}, B={args.batch}",
                     reference="stock")
+    ipex = import_ipex()
     for dt_name in args.dtypes.split(","):
         dtype = getattr(torch, dt_name)
         stock = [nn.EmbeddingBag(args.rows, args.dim, mode="sum").to(dtype) for _ in range(args.tables)]
         merged = MergedEmbeddingBag.from_embeddingbag_list(stock)
+        ipex_merged = ipex.nn.modules.MergedEmbeddingBag.from_embeddingbag_list(stock) if ipex else None
         for pooling in (int(p) for p in args.poolings.split(",")):
             indices, offsets = make_inputs(args.tables, args.rows, args.batch, pooling)
 
@@ -56,13 +63,18 @@ def main(argv=None):
                 with torch.no_grad():
                     return merged(indices, offsets)
 
-            res = measure({"stock": run_stock, "ipex_lite": run_lite}, repeat=args.repeat, warmup=args.warmup)
+            fns = {"stock": run_stock, "ipex_lite": run_lite}
+            if ipex_merged is not None:
+                fns["ipex"] = lambda: _no_grad(ipex_merged, indices, offsets)
+            res = measure(fns, repeat=args.repeat, warmup=args.warmup)
             nbytes = args.tables * args.batch * pooling * args.dim * torch.finfo(dtype).bits // 8
             extra = {s: {"GB/s": nbytes / (r["median_ms"] * 1e-3) / 1e9} for s, r in res.items()}
             report.add(f"forward {dt_name} {pooling}/bag", res, extra)
         if args.train and dtype == torch.float32:
             sparse = [nn.EmbeddingBag(args.rows, args.dim, mode="sum", sparse=True) for _ in range(args.tables)]
             fused = MergedEmbeddingBagWithSGD.from_embeddingbag_list(sparse, lr=0.01)
+            ipex_fused = ipex.nn.modules.MergedEmbeddingBagWithSGD.from_embeddingbag_list(sparse, lr=0.01) \
+                if ipex else None
             opt = torch.optim.SGD([t.weight for t in sparse], lr=0.01)
             for pooling in (int(p) for p in args.poolings.split(",")):
                 indices, offsets = make_inputs(args.tables, args.rows, args.batch, pooling, seed=1)
@@ -77,11 +89,15 @@ def main(argv=None):
                 def step_lite():
                     torch.autograd.backward(fused(indices, offsets), grads)
 
-                res = measure({"stock": step_stock, "ipex_lite": step_lite}, repeat=args.repeat,
-                              warmup=args.warmup)
+                fns = {"stock": step_stock, "ipex_lite": step_lite}
+                if ipex_fused is not None:
+                    fns["ipex"] = lambda: torch.autograd.backward(ipex_fused(indices, offsets), grads)
+                res = measure(fns, repeat=args.repeat, warmup=args.warmup)
                 report.add(f"train step SGD fp32 {pooling}/bag", res)
-            del sparse, fused, opt
+            del sparse, fused, ipex_fused, opt
     report.emit(args.json, ["stock = per-table nn.EmbeddingBag loop; train: sparse=True + torch.optim.SGD",
+                            "ipex = IPEX's MergedEmbeddingBag / MergedEmbeddingBagWithSGD when IPEX imports "
+                            + ("(present)" if ipex else "(absent: it needs torch 2.8)"),
                             "GB/s = embedding rows gathered / median time"])
 
 

@@ -61,6 +61,15 @@ def measure(fns: Dict[str, Callable[[], object]], repeat: int = 15, warmup: int 
                    "samples": len(s), "inner": inner} for name, s in samples.items()}
 
 
+def import_ipex():
+    """intel_extension_for_pytorch when it imports (IPEX 2.8 needs torch 2.8), else None."""
+    try:
+        import intel_extension_for_pytorch as ipex
+        return ipex
+    except Exception:  # noqa: BLE001 - absent, or built for another torch
+        return None
+
+
 def machine() -> Dict[str, object]:
     info: Dict[str, object] = {
         "python": platform.python_version(),

@@ -13,7 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.harness import Report, add_common_args, measure, setup_from_args  # noqa: E402
+from bench.harness import Report, add_common_args, import_ipex, measure, setup_from_args  # noqa: E402
 
 import ipex_lite  # noqa: E402
 from ipex_lite.nn.functional import interaction  # noqa: E402
@@ -28,21 +28,13 @@ def stock_interaction(xs):
     return torch.cat([xs[0], z[:, li, lj]], dim=1)
 
 
-def load_ipex():
-    try:
-        import intel_extension_for_pytorch as ipex  # noqa: F401
-        return ipex.nn.functional.interaction
-    except Exception:
-        return None
-
-
 def systems(args):
     out = {"stock": stock_interaction}
     if args.compile:
         out["torch.compile"] = torch.compile(stock_interaction, dynamic=False)
-    ipex_fn = load_ipex()
-    if ipex_fn is not None:
-        out["ipex"] = lambda xs: ipex_fn(*xs)
+    ipex = import_ipex()
+    if ipex is not None:
+        out["ipex"] = lambda xs: ipex.nn.functional.interaction(*xs)
     out["ipex_lite"] = lambda xs: interaction(*xs)
     return out
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.harness import Report, add_common_args, measure, setup_from_args  # noqa: E402
+from bench.harness import Report, add_common_args, import_ipex, measure, setup_from_args  # noqa: E402
 
 import ipex_lite  # noqa: E402
 
@@ -136,6 +136,36 @@ def _compiled(model, x):
     return fn
 
 
+def _ipex_systems(model, x):
+    """IPEX 2.8 when it imports: optimize() eager, and traced + frozen as its docs advise for
+    inference; bf16 under autocast.  A variant IPEX cannot build is left out."""
+    ipex = import_ipex()
+    if ipex is None:
+        return {}
+    out = {}
+    with torch.no_grad():
+        try:
+            fp32 = ipex.optimize(copy.deepcopy(model).eval())
+            out["ipex fp32"] = lambda: fp32(x)
+            traced = torch.jit.freeze(torch.jit.trace(fp32, x))
+            traced(x)
+            out["ipex fp32 jit"] = lambda: traced(x)
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            print(f"ipex fp32: {type(e).__name__}: {e}", file=sys.stderr)
+        try:
+            bf16 = ipex.optimize(copy.deepcopy(model).eval(), dtype=torch.bfloat16)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                bf16(x)
+
+            def run_bf16():
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return bf16(x)
+            out["ipex bf16"] = run_bf16
+        except Exception as e:  # noqa: BLE001
+            print(f"ipex bf16: {type(e).__name__}: {e}", file=sys.stderr)
+    return out
+
+
 def bench_model(name, args, report):
     ctor, make_input = MODELS[name]
     torch.manual_seed(0)
@@ -154,6 +184,7 @@ def bench_model(name, args, report):
     if args.compile:
         compiled = _compiled(model, x)
         systems["torch.compile fp32 (freezing)"] = lambda: compiled(x)
+    systems.update(_ipex_systems(model, x))
     with torch.no_grad():
         want = model(x)
         for label, fn in systems.items():

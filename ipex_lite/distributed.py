@@ -166,7 +166,7 @@ def _replicate_fused_tables(model: nn.Module, group) -> List[str]:
     for name, m in model.named_modules():
         if not isinstance(m, (SGDEmbeddingBag, _FusedUpdateBase)):
             continue
-        m.process_group = group
+        m.replicated, m.process_group = True, group
         prefix = name + "." if name else ""
         with torch.no_grad():
             for pname, p in m.named_parameters():
@@ -193,7 +193,9 @@ def wrap_ddp(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None
         raise ValueError("wrap_ddp: gloo does not reduce bfloat16; use allreduce_dtype=torch.float32")
     if allreduce_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"wrap_ddp: allreduce_dtype must be torch.float32 or torch.bfloat16, got {allreduce_dtype}")
-    group = ddp_kwargs.get("process_group") or dist.group.WORLD
+    # None stands for the default group: holding that object in modules or hooks would keep it
+    # alive after destroy_process_group, and its threads then abort the process at exit
+    group = ddp_kwargs.get("process_group")
     skip = _replicate_fused_tables(model, group) + _replicate_sparse_tables(model, group)
     if optimizer is not None:
         broadcast_master_weights(optimizer, 0)

@@ -351,7 +351,7 @@ def test_wrap_ddp_guards(one_rank_group):
     table = model[0]
     assert isinstance(table, ipex_lite.nn.modules.SGDEmbeddingBag)
     ddp_t = ipex_lite.distributed.wrap_ddp(model, opt)
-    assert table.process_group is not None
+    assert table.replicated and table.process_group is None  # the default group is not held
     assert set(ddp_t.parameters_to_ignore) >= {"0.weight", "0.trail"}
     before = table.weight.detach().clone()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -226,14 +226,14 @@ def _update_lookups(module, grads, indices, offsets, psw):
     tables replicated by ipex_lite.distributed.wrap_ddp (each replica then
     applies the same update, the one a single process would on the whole
     batch).  Returns (grads, indices, offsets, psw, include_last_offset)."""
-    group = getattr(module, "process_group", None)  # modules pickled before it existed have none
     local = (grads, indices, offsets, psw, module.include_last_offset)
-    if group is None:
+    if not getattr(module, "replicated", False):  # modules pickled before it existed have none
         if is_multi_rank():
             raise RuntimeError(f"{type(module).__name__}: its update inside backward would use this rank's "
                                "lookups only; wrap the model with ipex_lite.distributed.wrap_ddp, which "
                                "replicates the tables and exchanges every rank's lookups")
         return local
+    group = module.process_group  # None: the default group
     if dist.get_world_size(group) == 1:
         return local
     return (*gather_lookups(grads, indices, offsets, psw, module.include_last_offset, group), False)
@@ -246,7 +246,9 @@ class _FusedUpdateBase(MergedEmbeddingBag):
     def __init__(self, embedding_specs, include_last_offset=False, split_bf16: Optional[bool] = None):
         super().__init__(embedding_specs, include_last_offset)
         self.sparse = False  # tables are updated in backward: no gradient, sparse or dense, is produced
-        self.process_group = None  # set by ipex_lite.distributed.wrap_ddp
+        # set by ipex_lite.distributed.wrap_ddp; the group is kept only when it is not the default
+        # one (a module holding the default group would keep it alive past destroy_process_group)
+        self.replicated, self.process_group = False, None
         bf16 = self.weights[0].dtype == torch.bfloat16
         self.split_bf16 = bf16 if split_bf16 is None else bool(split_bf16)
         if self.split_bf16 and not bf16:
@@ -425,7 +427,9 @@ class SGDEmbeddingBag(nn.Module):
         self.include_last_offset = emb.include_last_offset
         self.sgd_group = sgd_group
         self.split_bf16 = split_bf16
-        self.process_group = None  # set by ipex_lite.distributed.wrap_ddp
+        # set by ipex_lite.distributed.wrap_ddp; the group is kept only when it is not the default
+        # one (a module holding the default group would keep it alive past destroy_process_group)
+        self.replicated, self.process_group = False, None
         w = emb.weight.detach()
         if split_bf16:
             top, trail = _split(w.float().contiguous())

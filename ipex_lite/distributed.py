@@ -132,6 +132,10 @@ def gather_lookups(grads: Sequence[torch.Tensor], indices: Sequence[torch.Tensor
             [torch.cat(p) for p in out_off], [torch.cat(p) for p in out_psw] if per_sample_weights else [])
 
 
+def _broadcast_bits(t: torch.Tensor, group) -> None:
+    dist.broadcast(t.view(torch.uint8), 0, group=group)  # raw bits: exact, and gloo has no bf16 / int16
+
+
 def _sparse_allreduce(group):
     def hook(param: torch.Tensor) -> None:
         grad = param.grad.coalesce()
@@ -152,7 +156,7 @@ def _replicate_sparse_tables(model: nn.Module, group) -> List[str]:
         prefix = name + "." if name else ""
         with torch.no_grad():
             for pname, p in m.named_parameters():
-                dist.broadcast(p.data.view(torch.uint8) if p.dtype == torch.bfloat16 else p.data, 0, group=group)
+                _broadcast_bits(p.data, group)
                 p.register_post_accumulate_grad_hook(_sparse_allreduce(group))
                 skip.append(prefix + pname)
     return skip
@@ -170,10 +174,10 @@ def _replicate_fused_tables(model: nn.Module, group) -> List[str]:
         prefix = name + "." if name else ""
         with torch.no_grad():
             for pname, p in m.named_parameters():
-                dist.broadcast(p.data.view(torch.uint8) if p.dtype == torch.bfloat16 else p.data, 0, group=group)
+                _broadcast_bits(p.data, group)
                 skip.append(prefix + pname)
             for bname, buf in m.named_buffers():
-                dist.broadcast(buf.view(torch.uint8), 0, group=group)
+                _broadcast_bits(buf, group)
                 skip.append(prefix + bname)
     return skip
 

@@ -111,6 +111,7 @@ def gather_lookups(grads: Sequence[torch.Tensor], indices: Sequence[torch.Tensor
     payload = torch.cat([_as_bytes(meta), *(_as_bytes(g) for g in grads), *(_as_bytes(w) for w in psw_parts)])
     elem = grads[0].element_size()
     out_ix, out_off, out_g, out_psw = ([[] for _ in range(tables)] for _ in range(4))
+    base = [0] * tables  # indices of earlier ranks, per table: where this rank's offsets start
     for got in _all_gather_bytes(payload, group):
         b = int(got[:8].view(torch.long))
         r_lens = got[8:8 * (1 + tables)].view(torch.long).tolist()
@@ -122,9 +123,9 @@ def gather_lookups(grads: Sequence[torch.Tensor], indices: Sequence[torch.Tensor
         gs = got[8 * n_meta:g_end].view(dtype).view(tables, b, dim)
         ws = got[g_end:].view(dtype).split(r_lens) if per_sample_weights else None
         for t in range(tables):
-            base = sum(p.numel() for p in out_ix[t])
             out_ix[t].append(ixs[t])
-            out_off[t].append(offs[t] + base)
+            out_off[t].append(offs[t] + base[t])
+            base[t] += r_lens[t]
             out_g[t].append(gs[t])
             if ws is not None:
                 out_psw[t].append(ws[t])

@@ -9,6 +9,7 @@ against canned topologies and fake library dirs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -226,7 +227,7 @@ def local_identities() -> set:
     return names
 
 
-def _apply_hostfile(args: argparse.Namespace, identities: Callable[[], set]) -> None:
+def _apply_hostfile(args: argparse.Namespace) -> None:
     hosts = read_hostfile(args.hostfile)
     if args.nnodes not in (None, len(hosts)):
         raise LauncherError(f"--nnodes {args.nnodes} contradicts the {len(hosts)} hosts of --hostfile")
@@ -234,7 +235,7 @@ def _apply_hostfile(args: argparse.Namespace, identities: Callable[[], set]) -> 
     if args.master_addr is None:
         args.master_addr = hosts[0]
     if args.node_rank is None:
-        mine = identities()
+        mine = local_identities()
         matches = [i for i, h in enumerate(hosts) if h in mine]
         if len(matches) != 1:
             raise LauncherError(f"this host ({socket.gethostname()}) is {'not' if not matches else 'more than once'} "
@@ -242,9 +243,9 @@ def _apply_hostfile(args: argparse.Namespace, identities: Callable[[], set]) -> 
         args.node_rank = matches[0]
 
 
-def _check_distributed(args: argparse.Namespace, identities: Callable[[], set] = local_identities) -> None:
+def _check_distributed(args: argparse.Namespace) -> None:
     if args.hostfile:
-        _apply_hostfile(args, identities)
+        _apply_hostfile(args)
     if args.nproc_per_node is None:
         if args.nnodes not in (None, 1) or args.node_rank not in (None, 0) or args.torchrun:
             raise LauncherError("--nnodes / --node-rank / --hostfile / --torchrun need --nproc-per-node")
@@ -319,23 +320,10 @@ def torchrun_argv(args: argparse.Namespace, launches: Sequence[Launch], python: 
 
 
 def run_torchrun(argv: Sequence[str], environ: Mapping[str, str]) -> int:
-    """torch.distributed.run in the foreground; it forwards signals to its workers itself."""
-    proc = subprocess.Popen(list(argv), env=dict(environ))
-
-    def forward(signum, _frame):
-        if not (signum == signal.SIGINT and _foreground_on_tty()) and proc.poll() is None:
-            proc.send_signal(signum)
-    old = {}
-    for s in (signal.SIGINT, signal.SIGTERM):
-        try:
-            old[s] = signal.signal(s, forward)
-        except ValueError:
-            pass
-    try:
-        return worst_exit_code([proc.wait()])
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
+    """torch.distributed.run in the foreground; it passes the signals we forward on to its workers."""
+    with _forwarding_signals() as procs:
+        procs.append(subprocess.Popen(list(argv), env=dict(environ)))
+        return worst_exit_code([procs[0].wait()])
 
 
 def worst_exit_code(codes: Sequence[int]) -> int:
@@ -365,19 +353,51 @@ def run_all(launches: Sequence[Launch], environ: Mapping[str, str]) -> int:
     plain ``python script.py``.  A keyboard SIGINT therefore already reached them; it is forwarded
     only when it cannot have come from the terminal (we are not its foreground group).
     """
-    procs: List[subprocess.Popen] = []
     files = []
+    with _forwarding_signals() as procs:
+        try:
+            for launch in launches:
+                out = None
+                if launch.log_path:
+                    os.makedirs(os.path.dirname(launch.log_path) or ".", exist_ok=True)
+                    out = open(launch.log_path, "w")
+                    files.append(out)
+                    log.info("instance %d (CPUs %s) logs to %s", launch.instance.index,
+                             launch.instance.cpu_list, launch.log_path)
+                try:
+                    procs.append(subprocess.Popen(launch.argv, env={**environ, **launch.env_changes}, stdout=out,
+                                                  stderr=subprocess.STDOUT if out else None))
+                except OSError as e:
+                    log.error("cannot start instance %d (%s): %s", launch.instance.index, shlex.join(launch.argv),
+                              e)
+                    _signal_all(procs, signal.SIGTERM)
+                    codes = [p.wait() for p in procs]
+                    return max(worst_exit_code(codes), 127)
+            return worst_exit_code([p.wait() for p in procs])
+        finally:
+            for f in files:
+                f.close()
+
+
+def _signal_all(procs: Sequence[subprocess.Popen], signum: int) -> None:
+    for p in procs:
+        if p.poll() is None:
+            try:
+                p.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+
+@contextlib.contextmanager
+def _forwarding_signals():
+    """While active, SIGINT/SIGTERM go to the children appended to the yielded list.  A keyboard
+    SIGINT already reached them when we own the terminal's foreground group, so it is forwarded
+    only otherwise."""
+    procs: List[subprocess.Popen] = []
 
     def forward(signum, _frame):
-        if signum == signal.SIGINT and _foreground_on_tty():
-            return
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    p.send_signal(signum)
-                except ProcessLookupError:
-                    pass
-
+        if not (signum == signal.SIGINT and _foreground_on_tty()):
+            _signal_all(procs, signum)
     old = {}
     for s in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -385,29 +405,10 @@ def run_all(launches: Sequence[Launch], environ: Mapping[str, str]) -> int:
         except ValueError:  # not the main thread: no handlers, children still get terminal signals
             pass
     try:
-        for launch in launches:
-            out = None
-            if launch.log_path:
-                os.makedirs(os.path.dirname(launch.log_path) or ".", exist_ok=True)
-                out = open(launch.log_path, "w")
-                files.append(out)
-                log.info("instance %d (CPUs %s) logs to %s", launch.instance.index, launch.instance.cpu_list,
-                         launch.log_path)
-            try:
-                procs.append(subprocess.Popen(launch.argv, env={**environ, **launch.env_changes}, stdout=out,
-                                              stderr=subprocess.STDOUT if out else None))
-            except OSError as e:
-                log.error("cannot start instance %d (%s): %s", launch.instance.index, shlex.join(launch.argv), e)
-                forward(signal.SIGTERM, None)
-                codes = [p.wait() for p in procs]
-                return max(worst_exit_code(codes), 127)
-        return worst_exit_code([p.wait() for p in procs])
+        yield procs
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-        for f in files:
-            f.close()
-
 
 class _StderrHandler(logging.Handler):
     """Writes to whatever sys.stderr is at emit time (so redirections and pytest capture work)."""

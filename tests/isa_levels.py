@@ -22,3 +22,15 @@ def run_at_level(level: str, script: str) -> dict:
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["level"] == level
     return res
+
+
+def run_at_every_level(script: str) -> list:
+    """run_at_level for each level this CPU and build support (at least one)."""
+    results = []
+    for level in LEVELS:
+        try:
+            results.append(run_at_level(level, script))
+        except pytest.skip.Exception:
+            continue
+    assert results
+    return results

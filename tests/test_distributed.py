@@ -2,6 +2,7 @@
 identical masters on every rank, the same result as one rank on the whole batch, a dead rank
 failing the others with an error instead of a hang, and the guards of wrap_ddp / optimize."""
 import datetime
+import json
 import os
 import socket
 import subprocess
@@ -32,6 +33,22 @@ def launch(args, nproc, timeout=240, env=None):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                        env=dict(os.environ, **(env or {})))
     return r, time.time() - t0
+
+
+def run_two_ranks(tmp_path, script_text, *flags):
+    """Runs a script as 2 ranks under ipex-lite-run and returns each rank's JSON lines, sorted by
+    rank (one log file per rank: their stdout lines would interleave)."""
+    script = tmp_path / "ranks.py"
+    script.write_text(script_text)
+    logs = tmp_path / "logs"
+    r = subprocess.run([sys.executable, "-m", "ipex_lite.launcher", *flags, "--nproc-per-node", "2",
+                        "--master-port", str(free_port()), "--log-dir", str(logs), str(script)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr + "".join(p.read_text() for p in logs.glob("*.log"))
+    docs = sorted((json.loads(line) for p in logs.glob("*.log") for line in p.read_text().splitlines()
+                   if line.startswith("{")), key=lambda d: d["rank"])
+    assert [d["rank"] for d in docs] == [0, 1], docs
+    return docs
 
 
 def test_two_ranks_agree_and_match_one_rank(tmp_path):
@@ -165,32 +182,12 @@ def test_replicated_sparse_tables_match_one_process(tmp_path):
     """Sparse-gradient tables under wrap_ddp: MergedEmbeddingBag (kept out of DDP, its touched rows
     all-reduced as sparse tensors) and a stock nn.EmbeddingBag(sparse=True) (DDP's own sparse bucket
     through the comm hook) train like one process on the whole batch."""
-    script = tmp_path / "sparse.py"
-    script.write_text(_SPARSE_SCRIPT)
-    logs = tmp_path / "logs"
-    r = subprocess.run([sys.executable, "-m", "ipex_lite.launcher", "--nproc-per-node", "2", "--master-port",
-                        str(free_port()), "--log-dir", str(logs), str(script)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=180)
-    assert r.returncode == 0, r.stderr + "".join(p.read_text() for p in logs.glob("*.log"))
-    import json
-    docs = [json.loads(line) for p in sorted(logs.glob("*.log")) for line in p.read_text().splitlines()
-            if line.startswith("{")]
-    assert sorted(d["rank"] for d in docs) == [0, 1]
+    docs = run_two_ranks(tmp_path, _SPARSE_SCRIPT)
     assert all(d["sparse"] == [True, True, True] and d["close"] and d["agree"] for d in docs), docs
 
 
 def test_gather_lookups_and_unwrapped_fused_tables(tmp_path):
-    script = tmp_path / "lookups.py"
-    script.write_text(_LOOKUPS_SCRIPT)
-    logs = tmp_path / "logs"
-    r = subprocess.run([sys.executable, "-m", "ipex_lite.launcher", "--nproc-per-node", "2", "--master-port",
-                        str(free_port()), "--log-dir", str(logs), str(script)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=180)
-    assert r.returncode == 0, r.stderr + "".join(p.read_text() for p in logs.glob("*.log"))
-    import json
-    docs = [json.loads(line) for p in sorted(logs.glob("*.log")) for line in p.read_text().splitlines()
-            if line.startswith("{")]
-    assert sorted(d["rank"] for d in docs) == [0, 1]
+    docs = run_two_ranks(tmp_path, _LOOKUPS_SCRIPT)
     assert all(all(d["ok"]) for d in docs), docs
 
 
@@ -236,17 +233,7 @@ dist.destroy_process_group()
 
 
 def test_table_wise_sharding_matches_the_unsharded_model(tmp_path):
-    script = tmp_path / "shard.py"
-    script.write_text(_SHARD_SCRIPT)
-    logs = tmp_path / "logs"  # one file per rank: their stdout lines would interleave
-    r = subprocess.run([sys.executable, "-m", "ipex_lite.launcher", "--nproc-per-node", "2", "--master-port",
-                        str(free_port()), "--log-dir", str(logs), str(script)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=180)
-    assert r.returncode == 0, r.stderr + "".join(p.read_text() for p in logs.glob("*.log"))
-    import json
-    docs = [json.loads(line) for p in sorted(logs.glob("*.log")) for line in p.read_text().splitlines()
-            if line.startswith("{")]
-    assert sorted(d["rank"] for d in docs) == [0, 1]
+    docs = run_two_ranks(tmp_path, _SHARD_SCRIPT)
     assert {tuple(d["owned"]) for d in docs} == {(0, 2, 4), (1, 3)}
     assert all(d["fwd"] and d["bwd"] for d in docs), docs
 
@@ -319,17 +306,8 @@ dist.destroy_process_group()
 def test_torchrun_starts_pinned_ranks(tmp_path):
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 allowed CPUs")
-    script = tmp_path / "probe.py"
-    script.write_text(_PROBE)
-    logs = tmp_path / "logs"
-    r = subprocess.run([sys.executable, "-m", "ipex_lite.launcher", "--torchrun", "--nproc-per-node", "2",
-                        "--master-port", str(free_port()), "--log-dir", str(logs), str(script)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr + "".join(p.read_text() for p in logs.glob("*.log"))
-    import json
-    docs = sorted((json.loads(line) for p in logs.glob("*.log") for line in p.read_text().splitlines()
-                   if line.startswith("{")), key=lambda d: d["rank"])
-    assert [d["rank"] for d in docs] == [0, 1] and all(d["world"] == 2 and d["sum"] == 3.0 for d in docs)
+    docs = run_two_ranks(tmp_path, _PROBE, "--torchrun")
+    assert all(d["world"] == 2 and d["sum"] == 3.0 for d in docs)
     assert all(d["torchrun"] and d["threads"] == 1 and len(d["cpus"]) == 1 for d in docs), docs
     assert docs[0]["cpus"] != docs[1]["cpus"]  # each local rank on its own core
     assert {d["idx"] for d in docs} == {"0", "1"}

@@ -40,6 +40,16 @@ inline uint32_t f32_to_bits(float f) {
 
 inline float bf16_to_f32(uint16_t v) { return bits_to_f32(static_cast<uint32_t>(v) << 16); }
 
+// Element i of an untyped fp32 (BF16 = false) or bf16 (BF16 = true) buffer, as fp32.
+template <bool BF16>
+inline float load_f32(const void* p, int64_t i) {
+  if constexpr (BF16) {
+    return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  } else {
+    return static_cast<const float*>(p)[i];
+  }
+}
+
 // Split-BF16: fp32 = (top << 16) | trail, exactly.
 inline float join_halves(uint16_t top, uint16_t trail) {
   return bits_to_f32((static_cast<uint32_t>(top) << 16) | trail);

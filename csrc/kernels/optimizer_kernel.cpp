@@ -31,14 +31,6 @@ inline void store_param(void* p, void* p2, int64_t i, float w) {
   }
 }
 
-template <bool GB16>
-inline float load_grad(const void* g, int64_t i) {
-  if constexpr (GB16) {
-    return bf16_to_f32(static_cast<const uint16_t*>(g)[i]);
-  } else {
-    return static_cast<const float*>(g)[i];
-  }
-}
 
 // torch.optim.SGD (foreach=False) arithmetic, in fp32.
 template <int MODE, bool GB16>
@@ -51,20 +43,20 @@ void sgd_impl(const OptStepArgs& a, int64_t begin, int64_t end) {
   if (mom == 0.0f) {
     for (int64_t i = begin; i < end; ++i) {
       const float w = load_param<MODE>(p, p2, i);
-      const float d = (wd != 0.0f ? load_grad<GB16>(g, i) + wd * w : load_grad<GB16>(g, i));
+      const float d = (wd != 0.0f ? load_f32<GB16>(g, i) + wd * w : load_f32<GB16>(g, i));
       store_param<MODE>(p, p2, i, w - lr * d);
     }
   } else if (a.first_step) {
     for (int64_t i = begin; i < end; ++i) {
       const float w = load_param<MODE>(p, p2, i);
-      const float d = (wd != 0.0f ? load_grad<GB16>(g, i) + wd * w : load_grad<GB16>(g, i));
+      const float d = (wd != 0.0f ? load_f32<GB16>(g, i) + wd * w : load_f32<GB16>(g, i));
       buf[i] = d;
       store_param<MODE>(p, p2, i, w - lr * (a.nesterov ? d + mom * d : d));
     }
   } else {
     for (int64_t i = begin; i < end; ++i) {
       const float w = load_param<MODE>(p, p2, i);
-      const float d = (wd != 0.0f ? load_grad<GB16>(g, i) + wd * w : load_grad<GB16>(g, i));
+      const float d = (wd != 0.0f ? load_f32<GB16>(g, i) + wd * w : load_f32<GB16>(g, i));
       const float b = mom * buf[i] + damp * d;
       buf[i] = b;
       store_param<MODE>(p, p2, i, w - lr * (a.nesterov ? d + mom * b : b));
@@ -87,7 +79,7 @@ void adam_impl(const OptStepArgs& a, int64_t begin, int64_t end) {
   const float l2 = a.decoupled_weight_decay ? 0.0f : wd;
   for (int64_t i = begin; i < end; ++i) {
     const float w = load_param<MODE>(p, p2, i) * decay;
-    const float d = (l2 != 0.0f ? load_grad<GB16>(g, i) + l2 * w : load_grad<GB16>(g, i));
+    const float d = (l2 != 0.0f ? load_f32<GB16>(g, i) + l2 * w : load_f32<GB16>(g, i));
     const float mi = m[i] + (1.0f - b1) * (d - m[i]);  // torch's lerp form
     const float vi = b2 * v[i] + (1.0f - b2) * d * d;
     m[i] = mi;
@@ -112,7 +104,7 @@ void adagrad_impl(const OptStepArgs& a, int64_t begin, int64_t end) {
   const float clr = a.lr, wd = a.weight_decay, eps = a.eps;
   for (int64_t i = begin; i < end; ++i) {
     const float w = load_param<MODE>(p, p2, i);
-    const float d = (wd != 0.0f ? load_grad<GB16>(g, i) + wd * w : load_grad<GB16>(g, i));
+    const float d = (wd != 0.0f ? load_f32<GB16>(g, i) + wd * w : load_f32<GB16>(g, i));
     const float s = sum[i] + d * d;
     sum[i] = s;
     store_param<MODE>(p, p2, i, w - clr * (d / (__builtin_sqrtf(s) + eps)));
@@ -138,7 +130,7 @@ void lamb_moments_impl(const OptStepArgs& a, int64_t begin, int64_t end, double*
   const float b1 = a.beta1, b2 = a.beta2;
   float wsq[kLanes] = {}, usq[kLanes] = {};
   auto one = [&](int64_t i, int lane) {
-    const float d = load_grad<GB16>(g, i);
+    const float d = load_f32<GB16>(g, i);
     const float mi = b1 * m[i] + (1.0f - b1) * d;
     const float vi = b2 * v[i] + (1.0f - b2) * d * d;
     m[i] = mi;
@@ -178,7 +170,7 @@ template <bool GB16>
 void packed_add_impl(uint16_t* __restrict top, uint16_t* __restrict trail, const void* __restrict g, float alpha,
                      int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i)
-    split_halves(join_halves(top[i], trail[i]) + alpha * load_grad<GB16>(g, i), top + i, trail + i);
+    split_halves(join_halves(top[i], trail[i]) + alpha * load_f32<GB16>(g, i), top + i, trail + i);
 }
 
 void split_impl(const float* __restrict src, uint16_t* __restrict top, uint16_t* __restrict trail, int64_t begin,

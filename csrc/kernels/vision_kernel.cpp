@@ -155,15 +155,6 @@ void roi_align_backward(const T* __restrict grad_output, const T* __restrict roi
 }
 
 template <bool BF16>
-inline float load(const void* p, int64_t i) {
-  if constexpr (BF16) {
-    return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
-  } else {
-    return static_cast<const float*>(p)[i];
-  }
-}
-
-template <bool BF16>
 inline void store(void* p, int64_t i, float v) {
   if constexpr (BF16) {
     static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
@@ -178,7 +169,7 @@ void affine_nchw(const void* __restrict x, void* __restrict y, const float* __re
   for (int64_t plane = begin; plane < end; ++plane) {
     const float a = scale[plane % channels], b = shift[plane % channels];
     const int64_t base = plane * hw;
-    for (int64_t i = base; i < base + hw; ++i) store<BF16>(y, i, load<BF16>(x, i) * a + b);
+    for (int64_t i = base; i < base + hw; ++i) store<BF16>(y, i, load_f32<BF16>(x, i) * a + b);
   }
 }
 
@@ -187,7 +178,7 @@ void affine_nhwc(const void* __restrict x, void* __restrict y, const float* __re
                  const float* __restrict shift, int64_t channels, int64_t begin, int64_t end) {
   for (int64_t pixel = begin; pixel < end; ++pixel) {
     const int64_t base = pixel * channels;
-    for (int64_t c = 0; c < channels; ++c) store<BF16>(y, base + c, load<BF16>(x, base + c) * scale[c] + shift[c]);
+    for (int64_t c = 0; c < channels; ++c) store<BF16>(y, base + c, load_f32<BF16>(x, base + c) * scale[c] + shift[c]);
   }
 }
 

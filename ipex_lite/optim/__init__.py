@@ -74,10 +74,7 @@ class _KeepStateDtypes:
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -85,6 +82,14 @@ class _KeepStateDtypes:
                 _check_param(self, p)
                 self._update(group, p)
         return loss
+
+
+def _evaluate(closure):
+    """torch.optim's closure convention: re-evaluate the loss with gradients enabled."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def _stash_state_dict(optimizer, state_dict):
@@ -289,10 +294,7 @@ class _MasterCopy:
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for p, master in self._master_pairs:
             master.grad = None if p.grad is None else p.grad.detach().float()
         super().step()

@@ -70,6 +70,24 @@ inline uint16_t f32_to_bf16(float f) {
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// Software prefetch into L2 that the optimiser cannot delete.  GCC 12 splits
+// a small prefetch helper (partial inlining), judges the outlined part free of
+// side effects because __builtin_prefetch is, and drops the call: that once
+// silently removed every prefetch of the embedding forward.  A volatile asm
+// statement always stays.
+inline void prefetch_l2(const void* p) {
+#if defined(__x86_64__)
+  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 2);
+#endif
+}
+
+// Every 64-byte line of [p, p + bytes).
+inline void prefetch_lines_l2(const void* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) prefetch_l2(static_cast<const char*>(p) + off);
+}
+
 // Carves 64-byte-aligned pieces out of a caller-provided scratch buffer.
 struct Arena {
   char* cur;

@@ -8,7 +8,11 @@ and the optimizer is replaced by the fused ipex_lite optimizer of the same
 type with the same param groups, hyperparameters and state.  Run the forward
 under ``torch.autocast("cpu", dtype=torch.bfloat16)``.  ``model.state_dict()``
 returns the exact fp32 weights under the original keys and
-``model.load_state_dict()`` accepts them.
+``model.load_state_dict()`` accepts them.  On CPUs without AMX, where a bf16
+GEMM is about half as fast as an fp32 one, the plain ``nn.Linear`` layers
+also become ``ipex_lite.nn.Fp32ComputeLinear``: the same bf16 weights,
+activations and gradients, with the GEMMs computed in fp32 on the widened
+bf16 values (``auto_kernel_selection=False`` keeps bf16 GEMMs).
 
 Inference mode (``optimize(model.eval(), dtype=...)``, no optimizer): see
 ``ipex_lite._inference``.  Level O1 folds BatchNorm into the Conv/Linear
@@ -29,6 +33,7 @@ from torch import nn
 from . import optim as lite_optim
 from ._inference import Knobs, optimize_for_inference
 from ._inference import explain as _explain
+from .nn.linear import Fp32ComputeLinear
 
 __all__ = ["optimize"]
 
@@ -111,6 +116,17 @@ def _fuse_embedding_sgd(model: nn.Module, optimizer, split: bool) -> None:
             g["params"] = [p for p in g["params"] if p is not child.weight]
             optimizer.state.pop(child.weight, None)
             setattr(parent, name, fused)
+
+
+def _fp32_compute_linears(model: nn.Module, auto_kernel_selection) -> None:
+    """Gives plain nn.Linear layers with bf16 weights fp32 GEMMs where bf16
+    GEMMs are the slower kind (no AMX); False keeps the bf16 GEMMs."""
+    from . import isa_info
+    if auto_kernel_selection is False or isa_info().get("amx_bf16"):
+        return
+    for mod in model.modules():
+        if type(mod) is nn.Linear and mod.weight.dtype == torch.bfloat16:
+            mod.__class__ = Fp32ComputeLinear
 
 
 def _sparse_params(model: nn.Module):
@@ -316,6 +332,7 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, optimizer=No
         post(_Hook(hooks, "save"))
         model.register_load_state_dict_pre_hook(_all_or_nothing)
         model.register_load_state_dict_pre_hook(_Hook(hooks, "load_pre"))
+        _fp32_compute_linears(model, auto_kernel_selection)
         return model, opt
     if level == "O0" or fused_cls is None or sparse:
         if level == "O1":
@@ -340,6 +357,7 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, optimizer=No
         post(_Hook(hooks, "save"))
         model.register_load_state_dict_pre_hook(_Hook(hooks, "load_pre"))
         model.register_load_state_dict_post_hook(_Hook(hooks, "load_post"))
+        _fp32_compute_linears(model, auto_kernel_selection)
     if fuse_update_step:
         lite_optim.update_in_backward_(optimizer)
     return model, optimizer

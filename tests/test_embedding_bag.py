@@ -68,6 +68,27 @@ def test_forward_backward_match_embeddingbag(dtype, mode, index_dtype, include_l
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim,cat", [(64, False), (37, False), (24, True)])
+def test_large_outputs_take_streaming_stores(dtype, dim, cat):
+    # outputs past 1 MB per thread are written with non-temporal stores (full,
+    # aligned vectors only): odd dims mix both kinds within a row
+    torch.set_num_threads(2)
+    rows = [64, 3000, 500, 1] * 3
+    tables = make_tables(rows, dim, "sum", dtype)
+    merged = (MergedEmbeddingBagWithCat if cat else MergedEmbeddingBag).from_embeddingbag_list(tables)
+    indices, offsets = make_batch(rows, 4096, 3, seed=dim)
+    want = [t.float()(i, o) for t, i, o in zip(tables, indices, offsets)]  # .float() converts in place
+    if cat:
+        dense = torch.randn(4096, dim).to(dtype)
+        got = merged(dense, indices, offsets)
+        torch.testing.assert_close(got.float(), torch.cat([dense.float()] + want, dim=1), **TOL[dtype])
+    else:
+        got = merged(indices, offsets)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.float(), b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_per_sample_weights(dtype):
     tables = make_tables(ROWS, 24, "sum", dtype)
     merged = MergedEmbeddingBag.from_embeddingbag_list(tables)

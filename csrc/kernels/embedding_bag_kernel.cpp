@@ -68,19 +68,29 @@ inline __m512 load16(const T* p, __mmask16 m) {
   }
 }
 
+// Full, aligned vectors may go out as non-temporal stores (stream).
 template <typename T>
-inline void store16(T* p, __m512 v, __mmask16 m) {
+inline void store16(T* p, __m512 v, __mmask16 m, bool stream) {
+  const auto addr = reinterpret_cast<uintptr_t>(p);
   if constexpr (std::is_same<T, float>::value) {
-    _mm512_mask_storeu_ps(p, m, v);
+    if (stream && m == 0xffff && (addr & 63) == 0) {
+      _mm512_stream_ps(p, v);
+    } else {
+      _mm512_mask_storeu_ps(p, m, v);
+    }
   } else {
-    _mm256_mask_storeu_epi16(p, m, f32x16_to_bf16(v));
+    if (stream && m == 0xffff && (addr & 31) == 0) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), f32x16_to_bf16(v));
+    } else {
+      _mm256_mask_storeu_epi16(p, m, f32x16_to_bf16(v));
+    }
   }
 }
 
 // Pools columns [k0, k0 + 16 * NV) of one bag; the last vector is masked.
 template <int NV, typename T, typename I>
 inline int64_t pool_chunk(const EmbBagTable& tb, const I* idx, const T* psw, int64_t s, int64_t e, int64_t pf_end,
-                          int mode, int64_t k0, __mmask16 last, T* out) {
+                          int mode, int64_t k0, __mmask16 last, T* out, bool stream) {
   const T* w = static_cast<const T*>(tb.weight);
   __m512 acc[NV];
   const __m512 init = mode == kPoolMax ? _mm512_set1_ps(-INFINITY) : _mm512_setzero_ps();
@@ -114,7 +124,7 @@ inline int64_t pool_chunk(const EmbBagTable& tb, const I* idx, const T* psw, int
     for (int v = 0; v < NV; ++v) acc[v] = _mm512_mul_ps(acc[v], scale);
   }
 #pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) store16(out + k0 + 16 * v, acc[v], v == NV - 1 ? last : 0xffff);
+  for (int v = 0; v < NV; ++v) store16(out + k0 + 16 * v, acc[v], v == NV - 1 ? last : 0xffff, stream);
   return -1;
 }
 
@@ -122,10 +132,10 @@ inline int64_t pool_chunk(const EmbBagTable& tb, const I* idx, const T* psw, int
 // positions), so short bags (1 index each) still keep rows in flight.
 template <typename T, typename I>
 int64_t pool_bag(const EmbBagTable& tb, const I* idx, const T* psw, int64_t s, int64_t e, int64_t pf_end, int mode,
-                 int64_t dim, T* out) {
+                 int64_t dim, T* out, bool stream) {
   int64_t k0 = 0;
   for (; k0 + kChunk <= dim; k0 += kChunk) {
-    const int64_t bad = pool_chunk<8>(tb, idx, psw, s, e, pf_end, mode, k0, 0xffff, out);
+    const int64_t bad = pool_chunk<8>(tb, idx, psw, s, e, pf_end, mode, k0, 0xffff, out, stream);
     if (bad >= 0) return bad;
   }
   const int64_t rem = dim - k0;
@@ -133,14 +143,14 @@ int64_t pool_bag(const EmbBagTable& tb, const I* idx, const T* psw, int64_t s, i
   const int64_t nv = (rem + 15) / 16;
   const __mmask16 last = tail_mask16(rem - 16 * (nv - 1));
   switch (nv) {
-    case 1: return pool_chunk<1>(tb, idx, psw, s, e, pf_end, mode, k0, last, out);
-    case 2: return pool_chunk<2>(tb, idx, psw, s, e, pf_end, mode, k0, last, out);
-    case 3: return pool_chunk<3>(tb, idx, psw, s, e, pf_end, mode, k0, last, out);
-    case 4: return pool_chunk<4>(tb, idx, psw, s, e, pf_end, mode, k0, last, out);
-    case 5: return pool_chunk<5>(tb, idx, psw, s, e, pf_end, mode, k0, last, out);
-    case 6: return pool_chunk<6>(tb, idx, psw, s, e, pf_end, mode, k0, last, out);
-    case 7: return pool_chunk<7>(tb, idx, psw, s, e, pf_end, mode, k0, last, out);
-    default: return pool_chunk<8>(tb, idx, psw, s, e, pf_end, mode, k0, last, out);
+    case 1: return pool_chunk<1>(tb, idx, psw, s, e, pf_end, mode, k0, last, out, stream);
+    case 2: return pool_chunk<2>(tb, idx, psw, s, e, pf_end, mode, k0, last, out, stream);
+    case 3: return pool_chunk<3>(tb, idx, psw, s, e, pf_end, mode, k0, last, out, stream);
+    case 4: return pool_chunk<4>(tb, idx, psw, s, e, pf_end, mode, k0, last, out, stream);
+    case 5: return pool_chunk<5>(tb, idx, psw, s, e, pf_end, mode, k0, last, out, stream);
+    case 6: return pool_chunk<6>(tb, idx, psw, s, e, pf_end, mode, k0, last, out, stream);
+    case 7: return pool_chunk<7>(tb, idx, psw, s, e, pf_end, mode, k0, last, out, stream);
+    default: return pool_chunk<8>(tb, idx, psw, s, e, pf_end, mode, k0, last, out, stream);
   }
 }
 
@@ -148,7 +158,7 @@ int64_t pool_bag(const EmbBagTable& tb, const I* idx, const T* psw, int64_t s, i
 
 template <typename T, typename I>
 int64_t pool_bag(const EmbBagTable& tb, const I* idx, const T* psw, int64_t s, int64_t e, int64_t pf_end, int mode,
-                 int64_t dim, T* out) {
+                 int64_t dim, T* out, bool stream) {
   const T* w = static_cast<const T*>(tb.weight);
   float acc[kChunk];
   for (int64_t k0 = 0; k0 < dim; k0 += kChunk) {
@@ -190,13 +200,17 @@ int64_t forward_impl(const EmbBagFwdArgs& a, int64_t t, int64_t begin, int64_t e
   const int64_t p0 = begin < end ? static_cast<int64_t>(off[begin]) : 0;
   for (int64_t p = p0; p < min64(p0 + kRowPrefetch, pf_end); ++p)
     prefetch_row(w, tb.w_stride, idx[p], tb.num_rows, 0, min64(a.dim, kChunk));
+  int64_t bad = -1;
   for (int64_t b = begin; b < end; ++b) {
     const int64_t s = off[b], e = bag_end(off, b, a.batch, a.include_last_offset, tb.nnz);
     T* out = static_cast<T*>(tb.out) + b * tb.out_stride;
-    const int64_t bad = pool_bag<T, I>(tb, idx, psw, s, e, pf_end, a.mode, a.dim, out);
-    if (bad >= 0) return bad;
+    bad = pool_bag<T, I>(tb, idx, psw, s, e, pf_end, a.mode, a.dim, out, a.stream_out);
+    if (bad >= 0) break;
   }
-  return -1;
+#if defined(__AVX512F__)
+  if (a.stream_out) _mm_sfence();  // non-temporal stores are weakly ordered: publish them before the task ends
+#endif
+  return bad;
 }
 
 // Applies the accumulated gradient `g` (len columns starting at k0) of one row.

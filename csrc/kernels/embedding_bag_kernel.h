@@ -31,6 +31,9 @@ struct EmbBagFwdArgs {
   int64_t batch;
   int mode;
   bool include_last_offset;
+  // Write the pooled rows with non-temporal stores: for outputs too big to
+  // stay in cache this skips the read-for-ownership of every output line.
+  bool stream_out;
 };
 
 // Pools bags [begin, end) of table t.  Returns -1, or the position of the

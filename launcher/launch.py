@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what pins each instance; auto: numactl, else taskset, else none (OpenMP "
                         "affinity variables only) (default: %(default)s)")
     r.add_argument("--benchmark", action="store_true",
-                   help="benchmark settings: jemalloc keeps freed pages (no decay)")
+                   help="accepted for ipexrun compatibility: the allocator settings are always the "
+                        "benchmark ones (jemalloc keeps freed pages)")
     d = p.add_argument_group("distributed (torch.distributed env:// rendezvous, as torchrun sets it up)")
     d.add_argument("--nproc-per-node", type=int, default=None,
                    help="ranks on this node: one instance each, with RANK / LOCAL_RANK / WORLD_SIZE / "
@@ -279,8 +280,7 @@ def prepare(args: argparse.Namespace, info: CPUInfo, lib_dirs: Sequence[str],
                                       environ.get("LD_PRELOAD", ""))
     launches, kept_all = [], {}
     for inst in instances:
-        wanted = instance_env(inst.cores, runtime, inst.index, benchmark=args.benchmark,
-                              bound=manager != "none")
+        wanted = instance_env(inst.cores, runtime, inst.index, bound=manager != "none")
         changes, kept = resolve_env(wanted, runtime, environ)
         if args.nproc_per_node is not None and not args.torchrun:  # per-rank values win over inherited ones
             changes.update(distributed_env(args, inst.index))

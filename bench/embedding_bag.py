@@ -1,10 +1,13 @@
 """Merged embedding bags vs the stock per-table nn.EmbeddingBag loop.
 
-    python bench/embedding_bag.py [--tables 26 --rows 100000 --dim 128 --batch 2048] [--json]
+    python bench/embedding_bag.py [--tables 26 --rows 100000 --dim 128 --batch 2048] [--cold] [--json]
 
 Forward (sum pooling) with 1 and 20 indices per bag, fp32 and bf16, and one
 training step: ipex_lite's fused-SGD tables vs per-table sparse=True
 EmbeddingBag + torch.optim.SGD.  GB/s counts the embedding rows gathered.
+Every sample looks up the same rows, so by default they come from L3 when
+they fit (1 index per bag: 27 MB); --cold evicts the caches before each
+forward sample, as when every batch brings new rows.
 """
 import argparse
 import os
@@ -41,12 +44,18 @@ def main(argv=None):
     parser.add_argument("--poolings", default="1,20")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--no-train", dest="train", action="store_false")
+    parser.add_argument("--cold", action="store_true",
+                        help="evict the caches (write 300 MB) before every forward sample, as when each batch "
+                             "looks up new rows")
     args = parser.parse_args(argv)
     setup_from_args(args)
     torch.manual_seed(0)
-    report = Report(f"embedding bags: {args.tables} tables x {args.rows} x {args.dim}, B={args.batch}",
+    report = Report(f"embedding bags: {args.tables} tables x {args.rows} x {args.dim}, B={args.batch}"
+                    + (", caches evicted before each sample" if args.cold else ""),
                     reference="stock")
     ipex = import_ipex()
+    junk = torch.empty(300 << 18) if args.cold else None  # 300 MB of fp32
+    flush = (lambda: junk.fill_(1.0)) if args.cold else None
     for dt_name in args.dtypes.split(","):
         dtype = getattr(torch, dt_name)
         stock = [nn.EmbeddingBag(args.rows, args.dim, mode="sum").to(dtype) for _ in range(args.tables)]
@@ -66,7 +75,7 @@ def main(argv=None):
             fns = {"stock": run_stock, "ipex_lite": run_lite}
             if ipex_merged is not None:
                 fns["ipex"] = lambda: _no_grad(ipex_merged, indices, offsets)
-            res = measure(fns, repeat=args.repeat, warmup=args.warmup)
+            res = measure(fns, repeat=args.repeat, warmup=args.warmup, before=flush)
             nbytes = args.tables * args.batch * pooling * args.dim * torch.finfo(dtype).bits // 8
             extra = {s: {"GB/s": nbytes / (r["median_ms"] * 1e-3) / 1e9} for s, r in res.items()}
             report.add(f"forward {dt_name} {pooling}/bag", res, extra)

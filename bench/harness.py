@@ -46,16 +46,23 @@ def _pick_inner(fns: Dict[str, Callable[[], object]], target_s: float = 0.05) ->
 
 
 def measure(fns: Dict[str, Callable[[], object]], repeat: int = 15, warmup: int = 3,
-            inner: Optional[int] = None) -> Dict[str, Dict[str, float]]:
-    """Interleaved medians.  Returns {name: {"median_ms", "min_ms", "samples"}}."""
+            inner: Optional[int] = None, before: Optional[Callable[[], object]] = None
+            ) -> Dict[str, Dict[str, float]]:
+    """Interleaved medians.  Returns {name: {"median_ms", "min_ms", "samples"}}.
+    `before`, when given, runs untimed ahead of every sample (one call each), e.g.
+    to evict the caches."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    if inner is None:
+    if before is not None:
+        inner = 1
+    elif inner is None:
         inner = _pick_inner(fns)
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
+            if before is not None:
+                before()
             samples[name].append(_time_once(fn, inner))
     return {name: {"median_ms": statistics.median(s) * 1e3, "min_ms": min(s) * 1e3,
                    "samples": len(s), "inner": inner} for name, s in samples.items()}

@@ -32,9 +32,10 @@ _BLOCK_ELEMS = 1 << 19
 
 
 def _row_blocks(weight: torch.Tensor):
-    """Row ranges of at most _BLOCK_ELEMS elements, and one fp32 buffer that
-    every block reuses (fresh blocks each time fragment the heap: +90 MB of
-    peak RSS on a 25M-parameter MLP step)."""
+    """Row ranges of at most _BLOCK_ELEMS elements, and one fp32 buffer they
+    all reuse.  The block size sets a step's peak RSS under glibc malloc
+    (25M-parameter MLP: 536 MB with fresh 8 MB blocks, 512 MB reusing one,
+    456 MB with 2 MB) and barely its speed (212 vs 222 ms)."""
     step = min(weight.shape[0], max(1, _BLOCK_ELEMS // max(1, weight.shape[1])))
     blocks = [(r, min(r + step, weight.shape[0])) for r in range(0, weight.shape[0], step)]
     return blocks, torch.empty(step, weight.shape[1])

@@ -88,7 +88,10 @@ class _Fp32ComputeLinearFn(torch.autograd.Function):
 class Fp32ComputeLinear(nn.Linear):
     """``nn.Linear`` whose bf16 GEMMs (under bf16 autocast, or with bf16 input
     and weight) run as fp32 GEMMs on the widened bf16 operands; other calls
-    are ``nn.Linear``'s.  Same parameters and state_dict as ``nn.Linear``."""
+    are ``nn.Linear``'s.  Same parameters and state_dict as ``nn.Linear``.
+    ``torch.compile`` and ``torch.jit.trace`` handle it; ``torch.jit.script``
+    cannot (an autograd.Function): optimize with ``auto_kernel_selection=False``
+    to script the model."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x, self.weight)

@@ -70,9 +70,18 @@ def test_forward_backward_match_embeddingbag(dtype, mode, index_dtype, include_l
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim,cat", [(64, False), (37, False), (24, True)])
 def test_large_outputs_take_streaming_stores(dtype, dim, cat):
-    # outputs past 1 MB per thread are written with non-temporal stores (full,
-    # aligned vectors only): odd dims mix both kinds within a row
+    # outputs past 1 MB per thread (here 1.2-12 MB on 2 threads) are written
+    # with non-temporal stores (full, aligned vectors only): odd dims mix both
+    # kinds within a row
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
+    try:
+        _check_large_output(dtype, dim, cat)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_large_output(dtype, dim, cat):
     rows = [64, 3000, 500, 1] * 3
     tables = make_tables(rows, dim, "sum", dtype)
     merged = (MergedEmbeddingBagWithCat if cat else MergedEmbeddingBag).from_embeddingbag_list(tables)

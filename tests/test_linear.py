@@ -10,6 +10,7 @@ from torch import nn
 
 import ipex_lite
 from ipex_lite.nn import Fp32ComputeLinear
+from test_frontend import train  # autocast bf16 regression steps on (N, 16) inputs
 
 HAS_AMX = bool(ipex_lite.isa_info().get("amx_bf16"))
 
@@ -125,20 +126,6 @@ def _mlp():
     return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
 
 
-def _train(m, o, steps=15):
-    g = torch.Generator().manual_seed(3)
-    losses = []
-    for _ in range(steps):
-        x, y = torch.randn(128, 16, generator=g), torch.randn(128, 1, generator=g)
-        o.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = (m(x).float() - y).pow(2).mean()
-        loss.backward()
-        o.step()
-        losses.append(loss.item())
-    return losses
-
-
 @pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.Adam, torch.optim.RMSprop])
 def test_optimize_bf16_training_picks_fp32_gemms_without_amx(opt_cls):
     # RMSprop has no fused ipex_lite step: the master-copy fallback gets the layers too
@@ -152,7 +139,7 @@ def test_optimize_bf16_training_picks_fp32_gemms_without_amx(opt_cls):
         kinds = {type(mod) for mod in m.modules() if isinstance(mod, nn.Linear)}
         assert kinds == ({nn.Linear} if (aks is False or HAS_AMX) else {Fp32ComputeLinear})
         assert type(base[0]) is nn.Linear  # inplace=False leaves the user's model alone
-        runs[aks] = (_train(m, o), m.state_dict())
+        runs[aks] = (train(m, o, 15, seed=3), m.state_dict())
     (fast, sd_fast), (bf16, sd_bf16) = runs[None], runs[False]
     assert sd_fast.keys() == sd_bf16.keys()
     # same bf16 values into every GEMM, fp32 sums in another order: the runs stay together

@@ -269,16 +269,9 @@ void update_impl(const EmbBagUpdateArgs& a, int64_t begin, int64_t end) {
     if (in_place && seg + kRowPrefetch < end) {
       // distinct rows of a big table: the read-modify-write is latency-bound without this
       const int64_t ahead = gr.seg_row[seg + kRowPrefetch];
-      const char* w = reinterpret_cast<const char*>(static_cast<const T*>(a.weight) + ahead * a.w_stride);
-      prefetch_lines_l2(w, row_bytes);
-      if (a.trail != nullptr) {
-        const char* tr = reinterpret_cast<const char*>(static_cast<const uint16_t*>(a.trail) + ahead * a.w_stride);
-        prefetch_lines_l2(tr, a.dim * 2);
-      }
-      if (a.kind == kAdagrad) {
-        const char* st = reinterpret_cast<const char*>(a.state + ahead * a.state_stride);
-        prefetch_lines_l2(st, a.dim * 4);
-      }
+      prefetch_lines_l2(static_cast<const T*>(a.weight) + ahead * a.w_stride, row_bytes);
+      if (a.trail != nullptr) prefetch_lines_l2(static_cast<const uint16_t*>(a.trail) + ahead * a.w_stride, a.dim * 2);
+      if (a.kind == kAdagrad) prefetch_lines_l2(a.state + ahead * a.state_stride, a.dim * 4);
     }
     for (int64_t k0 = 0; k0 < a.dim; k0 += kChunk) {
       const int64_t len = min64(kChunk, a.dim - k0);

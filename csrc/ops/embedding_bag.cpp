@@ -177,7 +177,7 @@ void run_forward(const char* op, const Lookup& l, const std::vector<at::Tensor>&
   // Stream the output once each thread's share outgrows half its L2 (1 MB on
   // the 2 MB L2 parts): 26 x 2048 x 128 fp32 bags with 1 index each, output
   // 27 MB: 4.2 -> 2.9 ms from DRAM, 3.6 -> 2.4 ms with the rows in L3.
-  const int64_t out_bytes = l.tables * l.batch * l.dim * (l.wdtype == at::kBFloat16 ? 2 : 4);
+  const int64_t out_bytes = l.tables * l.batch * l.dim * static_cast<int64_t>(at::elementSize(l.wdtype));
   const bool stream = out_bytes / std::max<int64_t>(1, at::get_num_threads()) > (int64_t(1) << 20);
   k::EmbBagFwdArgs args{descs.data(), l.dim, l.batch, l.mode, l.include_last, stream};
   const auto fn = IPEX_LITE_KERNEL_TABLE(embedding_bag_kernels).forward[wd_index(l.wdtype)][l.idx64 ? 1 : 0];

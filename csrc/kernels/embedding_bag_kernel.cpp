@@ -123,6 +123,19 @@ inline int64_t pool_chunk(const EmbBagTable& tb, const I* idx, const T* psw, int
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[v] = _mm512_mul_ps(acc[v], scale);
   }
+  if constexpr (!std::is_same<T, float>::value && NV % 2 == 0) {
+    // bf16: pairs of vectors fill whole lines, so one 64-byte streaming store
+    // per line (two half-line ones left the 1-index bf16 forward store-bound).
+    if (stream && last == 0xffff && (reinterpret_cast<uintptr_t>(out + k0) & 63) == 0) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; v += 2) {
+        const __m512i line =
+            _mm512_inserti64x4(_mm512_castsi256_si512(f32x16_to_bf16(acc[v])), f32x16_to_bf16(acc[v + 1]), 1);
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(out + k0 + 16 * v), line);
+      }
+      return -1;
+    }
+  }
 #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) store16(out + k0 + 16 * v, acc[v], v == NV - 1 ? last : 0xffff, stream);
   return -1;

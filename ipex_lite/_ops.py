@@ -79,7 +79,7 @@ def _check_tables(op, weights, indices, offsets):
 def _meb_forward_fake(weights, indices, offsets, pooling_mode, include_last_offset, per_sample_weights):
     _check_tables("merged_embedding_bag_forward", weights, indices, offsets)
     batch = _bags(offsets, include_last_offset)
-    return weights[0].new_empty((len(weights), batch, weights[0].shape[1]))
+    return [weights[0].new_empty((batch, weights[0].shape[1])) for _ in weights]
 
 
 @torch.library.register_fake("ipex_lite::merged_embedding_bag_cat_forward")
@@ -150,10 +150,12 @@ def _meb_saved(ctx):
     return weights, indices, offsets, psw
 
 
-def _meb_backward(ctx, grad):
+def _meb_backward(ctx, grads):
     weights, indices, offsets, psw = _meb_saved(ctx)
     mode, include_last = ctx.lookup
-    grads = list(grad.unbind(0))
+    # an output the loss did not use arrives as None
+    grads = [g if g is not None else w.new_zeros((_bags(offsets, include_last), w.shape[1]))
+             for g, w in zip(grads, weights)]
     dense = ops.merged_embedding_bag_backward(list(grads), weights, indices, offsets, mode, include_last, psw)
     t = ctx.num_tables
     return list(dense), [None] * t, [None] * t, None, None, [None] * len(psw)

@@ -115,6 +115,20 @@ def test_per_sample_weights(dtype):
         torch.testing.assert_close(w.grad.float(), t.weight.grad.float(), **TOL[dtype])
 
 
+def test_each_table_is_its_own_output_and_unused_ones_get_zero_gradients():
+    tables = make_tables(ROWS, 8, "sum", torch.float32)
+    merged = MergedEmbeddingBag.from_embeddingbag_list(tables)
+    indices, offsets = make_batch(ROWS, 5, 3, seed=4)
+    out = merged(indices, offsets)
+    assert len({o.untyped_storage().data_ptr() for o in out}) == len(ROWS)  # separate allocations
+    out[1].sum().backward()  # the other tables' outputs take no part in the loss
+    ref = tables[1](indices[1], offsets[1]).sum()
+    ref.backward()
+    torch.testing.assert_close(merged.weights[1].grad, tables[1].weight.grad)
+    for t in (0, 2, 3):
+        assert torch.count_nonzero(merged.weights[t].grad) == 0
+
+
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 def test_sparse_gradients_match(mode):
     tables = make_tables(ROWS, 16, mode, torch.float32, sparse=True)

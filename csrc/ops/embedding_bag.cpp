@@ -339,19 +339,18 @@ k::EmbBagUpdateArgs update_args(const Lookup& l, const at::Tensor& grad, const R
   return a;
 }
 
-// One (T, B, D) result rather than T tensors: a single allocation that the
-// allocator keeps across steps (T separate ~1 MB buffers are returned to the
-// OS and page-faulted back in, which costs more than the lookups with few
-// indices per bag).  The Python face hands out its T contiguous slices.
-at::Tensor forward_cpu(at::TensorList weights, at::TensorList indices, at::TensorList offsets, int64_t mode,
-                       bool include_last, at::TensorList psw) {
+// One output per table, each its own allocation, as stock nn.EmbeddingBag
+// loops produce: with glibc, one (T, B, D) block (27 MB for 26 x 2048 x 128
+// fp32) was page-faulted back in on ~1/3 of calls once other ~1 MB buffers
+// came and went between lookups, which doubled the 1-index lookup time.
+std::vector<at::Tensor> forward_cpu(at::TensorList weights, at::TensorList indices, at::TensorList offsets,
+                                    int64_t mode, bool include_last, at::TensorList psw) {
   const char* op = "merged_embedding_bag_forward";
   const Lookup l = check_lookup(op, weights, indices, offsets, mode, include_last, psw, false);
-  at::Tensor out = at::empty({l.tables, l.batch, l.dim}, l.weights[0].options());
   std::vector<at::Tensor> outs;
-  for (int64_t t = 0; t < l.tables; ++t) outs.push_back(out.select(0, t));
+  for (int64_t t = 0; t < l.tables; ++t) outs.push_back(at::empty({l.batch, l.dim}, l.weights[0].options()));
   run_forward(op, l, outs, 0);
-  return out;
+  return outs;
 }
 
 at::Tensor cat_forward_cpu(const at::Tensor& dense, at::TensorList weights, at::TensorList indices,
@@ -567,7 +566,7 @@ at::Tensor aten_embedding_bag_backward(const at::Tensor& grad, const at::Tensor&
 TORCH_LIBRARY_FRAGMENT(ipex_lite, m) {
   m.def(
       "merged_embedding_bag_forward(Tensor[] weights, Tensor[] indices, Tensor[] offsets, int pooling_mode, "
-      "bool include_last_offset, Tensor[] per_sample_weights) -> Tensor");
+      "bool include_last_offset, Tensor[] per_sample_weights) -> Tensor[]");
   m.def(
       "merged_embedding_bag_cat_forward(Tensor dense, Tensor[] weights, Tensor[] indices, Tensor[] offsets, "
       "int pooling_mode, bool include_last_offset, Tensor[] per_sample_weights) -> Tensor");

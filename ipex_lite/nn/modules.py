@@ -160,7 +160,7 @@ class MergedEmbeddingBag(nn.Module):
             return list(_SparseGradLookup.apply(self.pooling_mode, self.include_last_offset, len(weights),
                                                 *weights, *indices, *offsets, *psw))
         return list(ops.merged_embedding_bag_forward(weights, indices, offsets, self.pooling_mode,
-                                                     self.include_last_offset, psw).unbind(0))
+                                                     self.include_last_offset, psw))
 
     def extra_repr(self) -> str:
         mode = {v: k for k, v in _MODES.items()}[self.pooling_mode]
@@ -179,7 +179,7 @@ class _SparseGradLookup(torch.autograd.Function):
         _no_psw_grad(psw)
         ctx.lookup = (mode, include_last, t)
         ctx.save_for_backward(*tensors)
-        return tuple(ops.merged_embedding_bag_forward(weights, indices, offsets, mode, include_last, psw).unbind(0))
+        return tuple(ops.merged_embedding_bag_forward(weights, indices, offsets, mode, include_last, psw))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -210,7 +210,7 @@ class _FusedUpdateLookup(torch.autograd.Function):
         ctx.t = t
         ctx.save_for_backward(*indices, *offsets, *psw)
         return tuple(ops.merged_embedding_bag_forward(weights, indices, offsets, module.pooling_mode,
-                                                      module.include_last_offset, psw).unbind(0))
+                                                      module.include_last_offset, psw))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -278,7 +278,7 @@ class _FusedUpdateBase(MergedEmbeddingBag):
         if torch.is_grad_enabled():
             return list(_FusedUpdateLookup.apply(self, len(weights), *weights, *indices, *offsets, *psw))
         return list(ops.merged_embedding_bag_forward(weights, indices, offsets, self.pooling_mode,
-                                                     self.include_last_offset, psw).unbind(0))
+                                                     self.include_last_offset, psw))
 
     # State dicts hold plain fp32 per-table weights in split mode: a post hook
     # joins top + trail on save, a pre hook splits fp32 on load (the bf16

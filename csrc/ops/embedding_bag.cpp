@@ -339,10 +339,12 @@ k::EmbBagUpdateArgs update_args(const Lookup& l, const at::Tensor& grad, const R
   return a;
 }
 
-// One output per table, each its own allocation, as stock nn.EmbeddingBag
-// loops produce: with glibc, one (T, B, D) block (27 MB for 26 x 2048 x 128
-// fp32) was page-faulted back in on ~1/3 of calls once other ~1 MB buffers
-// came and went between lookups, which doubled the 1-index lookup time.
+// One output per table, each its own allocation, as a stock nn.EmbeddingBag
+// loop produces.  Under glibc malloc either layout can be page-faulted back
+// in, depending on what else allocates between calls; interleaved with the
+// stock loop on torch 2.13 the single (T, B, D) block (27 MB for 26 x 2048 x
+// 128 fp32) was, on ~1/3 of calls, and per-table buffers were not.  A caching
+// allocator (ipex-lite-run's jemalloc) removes the question.
 std::vector<at::Tensor> forward_cpu(at::TensorList weights, at::TensorList indices, at::TensorList offsets,
                                     int64_t mode, bool include_last, at::TensorList psw) {
   const char* op = "merged_embedding_bag_forward";

@@ -68,11 +68,7 @@ def main(argv=None):
                 with torch.no_grad():
                     return [t(i, o) for t, i, o in zip(stock, indices, offsets)]
 
-            def run_lite():
-                with torch.no_grad():
-                    return merged(indices, offsets)
-
-            fns = {"stock": run_stock, "ipex_lite": run_lite}
+            fns = {"stock": run_stock, "ipex_lite": lambda: _no_grad(merged, indices, offsets)}
             if ipex_merged is not None:
                 fns["ipex"] = lambda: _no_grad(ipex_merged, indices, offsets)
             res = measure(fns, repeat=args.repeat, warmup=args.warmup, before=flush)

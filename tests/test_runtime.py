@@ -160,6 +160,12 @@ def test_auto_and_bad_arguments():
         _C.bind_current_thread([])
     with pytest.raises(ValueError, match="out of range"):
         _C.bind_current_thread([-1])
+    with pytest.raises(ValueError, match="bind_team: empty CPU list"):
+        _C.bind_team([[]])
+    with pytest.raises(ValueError, match="bind_team: CPU id -1 out of range"):
+        _C.bind_team([[-1]])
+    with pytest.raises(ValueError, match="no team threads"):
+        _C.bind_team([])
 
 
 _PROC_BIND_SCRIPT = """

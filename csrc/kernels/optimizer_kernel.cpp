@@ -31,7 +31,6 @@ inline void store_param(void* p, void* p2, int64_t i, float w) {
   }
 }
 
-
 // torch.optim.SGD (foreach=False) arithmetic, in fp32.
 template <int MODE, bool GB16>
 void sgd_impl(const OptStepArgs& a, int64_t begin, int64_t end) {

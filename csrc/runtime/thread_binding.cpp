@@ -30,29 +30,40 @@ PyObject* cpu_list(const cpu_set_t& set) {
   return out;
 }
 
-}  // namespace
-
-PyObject* bind_current_thread(PyObject*, PyObject* cpus) {
-  PyObject* seq = PySequence_Fast(cpus, "bind_current_thread: cpus must be a sequence of CPU ids");
-  if (seq == nullptr) return nullptr;
-  cpu_set_t set;
-  CPU_ZERO(&set);
+// Fills `set` from a Python sequence of CPU ids; false with a Python error
+// set (the value errors name the caller `fn`) when it is not one, holds an id out of range,
+// or is empty.
+bool cpu_set_from(PyObject* cpus, const char* fn, cpu_set_t* set) {
+  PyObject* seq = PySequence_Fast(cpus, "a CPU list must be a sequence of CPU ids");
+  if (seq == nullptr) return false;
+  CPU_ZERO(set);
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
   for (Py_ssize_t i = 0; i < n; ++i) {
     const long c = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
     if (c == -1 && PyErr_Occurred()) {
       Py_DECREF(seq);
-      return nullptr;
+      return false;
     }
     if (c < 0 || c >= CPU_SETSIZE) {
       Py_DECREF(seq);
-      return PyErr_Format(PyExc_ValueError, "bind_current_thread: CPU id %ld out of range [0, %d)", c,
-                          CPU_SETSIZE);
+      PyErr_Format(PyExc_ValueError, "%s: CPU id %ld out of range [0, %d)", fn, c, CPU_SETSIZE);
+      return false;
     }
-    CPU_SET(static_cast<int>(c), &set);
+    CPU_SET(static_cast<int>(c), set);
   }
   Py_DECREF(seq);
-  if (n == 0) return PyErr_Format(PyExc_ValueError, "bind_current_thread: empty CPU list");
+  if (n == 0) {
+    PyErr_Format(PyExc_ValueError, "%s: empty CPU list", fn);
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+PyObject* bind_current_thread(PyObject*, PyObject* cpus) {
+  cpu_set_t set;
+  if (!cpu_set_from(cpus, "bind_current_thread", &set)) return nullptr;
   if (sched_setaffinity(0, sizeof(set), &set) != 0) return PyErr_SetFromErrno(PyExc_OSError);
   Py_RETURN_NONE;
 }
@@ -62,27 +73,9 @@ PyObject* bind_team(PyObject*, PyObject* per_thread) {
   if (seq == nullptr) return nullptr;
   std::vector<cpu_set_t> sets(static_cast<size_t>(PySequence_Fast_GET_SIZE(seq)));
   for (size_t t = 0; t < sets.size(); ++t) {
-    PyObject* cpus = PySequence_Fast(PySequence_Fast_GET_ITEM(seq, t), "bind_team: each entry must be a CPU list");
-    if (cpus == nullptr) {
+    if (!cpu_set_from(PySequence_Fast_GET_ITEM(seq, t), "bind_team", &sets[t])) {
       Py_DECREF(seq);
       return nullptr;
-    }
-    CPU_ZERO(&sets[t]);
-    const Py_ssize_t n = PySequence_Fast_GET_SIZE(cpus);
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      const long c = PyLong_AsLong(PySequence_Fast_GET_ITEM(cpus, i));
-      if ((c == -1 && PyErr_Occurred()) || c < 0 || c >= CPU_SETSIZE) {
-        Py_DECREF(cpus);
-        Py_DECREF(seq);
-        if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "bind_team: CPU id %ld out of range", c);
-        return nullptr;
-      }
-      CPU_SET(static_cast<int>(c), &sets[t]);
-    }
-    Py_DECREF(cpus);
-    if (n == 0) {
-      Py_DECREF(seq);
-      return PyErr_Format(PyExc_ValueError, "bind_team: empty CPU list for team thread %zu", t);
     }
   }
   Py_DECREF(seq);

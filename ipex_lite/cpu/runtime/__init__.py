@@ -108,10 +108,9 @@ def pin(cpu_pool: CPUPool):
     the thread's previous binding and team size come back afterwards."""
     old_cpus = _C.current_thread_affinity()
     old_team = _C.team_affinities()
-    old_threads = _set_team_size(len(cpu_pool.core_ids))
+    old_threads = torch.get_num_threads()  # this thread's OpenMP team size (a per-thread ICV)
     try:
-        _C.bind_current_thread(cpu_pool.core_ids)
-        _C.bind_team([[c] for c in cpu_pool.core_ids])
+        _bind(cpu_pool)
         yield cpu_pool
     finally:
         _C.set_thread_num_threads(old_threads)

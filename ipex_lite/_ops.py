@@ -156,7 +156,7 @@ def _meb_backward(ctx, grads):
     # an output the loss did not use arrives as None
     grads = [g if g is not None else w.new_zeros((_bags(offsets, include_last), w.shape[1]))
              for g, w in zip(grads, weights)]
-    dense = ops.merged_embedding_bag_backward(list(grads), weights, indices, offsets, mode, include_last, psw)
+    dense = ops.merged_embedding_bag_backward(grads, weights, indices, offsets, mode, include_last, psw)
     t = ctx.num_tables
     return list(dense), [None] * t, [None] * t, None, None, [None] * len(psw)
 

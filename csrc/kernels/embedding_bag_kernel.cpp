@@ -68,25 +68,6 @@ inline __m512 load16(const T* p, __mmask16 m) {
   }
 }
 
-// Full, aligned vectors may go out as non-temporal stores (stream).
-template <typename T>
-inline void store16(T* p, __m512 v, __mmask16 m, bool stream) {
-  const auto addr = reinterpret_cast<uintptr_t>(p);
-  if constexpr (std::is_same<T, float>::value) {
-    if (stream && m == 0xffff && (addr & 63) == 0) {
-      _mm512_stream_ps(p, v);
-    } else {
-      _mm512_mask_storeu_ps(p, m, v);
-    }
-  } else {
-    if (stream && m == 0xffff && (addr & 31) == 0) {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), f32x16_to_bf16(v));
-    } else {
-      _mm256_mask_storeu_epi16(p, m, f32x16_to_bf16(v));
-    }
-  }
-}
-
 // Pools columns [k0, k0 + 16 * NV) of one bag; the last vector is masked.
 template <int NV, typename T, typename I>
 inline int64_t pool_chunk(const EmbBagTable& tb, const I* idx, const T* psw, int64_t s, int64_t e, int64_t pf_end,
@@ -123,21 +104,7 @@ inline int64_t pool_chunk(const EmbBagTable& tb, const I* idx, const T* psw, int
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[v] = _mm512_mul_ps(acc[v], scale);
   }
-  if constexpr (!std::is_same<T, float>::value && NV % 2 == 0) {
-    // bf16: pairs of vectors fill whole lines, so one 64-byte streaming store
-    // per line (two half-line ones left the 1-index bf16 forward store-bound).
-    if (stream && last == 0xffff && (reinterpret_cast<uintptr_t>(out + k0) & 63) == 0) {
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; v += 2) {
-        const __m512i line =
-            _mm512_inserti64x4(_mm512_castsi256_si512(f32x16_to_bf16(acc[v])), f32x16_to_bf16(acc[v + 1]), 1);
-        _mm512_stream_si512(reinterpret_cast<__m512i*>(out + k0 + 16 * v), line);
-      }
-      return -1;
-    }
-  }
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) store16(out + k0 + 16 * v, acc[v], v == NV - 1 ? last : 0xffff, stream);
+  store_vectors<NV>(out + k0, acc, last, stream);
   return -1;
 }
 

@@ -308,9 +308,7 @@ inline void sx_block(const float* s, int64_t n, const float* const* rows, int64_
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) store(i0 + r, k + 16 * v, acc[r][v], v == NV - 1 ? last : __mmask16(0xffff));
+  for (int r = 0; r < R; ++r) store(i0 + r, k, acc[r], last);
 }
 
 template <typename Store>
@@ -334,7 +332,6 @@ void sx_all(const float* s, int64_t n, int64_t d, const float* const* rows, cons
 
 template <typename T>
 void backward_avx512(const InteractionBwdArgs& a, int64_t begin, int64_t end, void* scratch) {
-  constexpr bool kBf16 = std::is_same<T, uint16_t>::value;
   const int64_t n = a.num_inputs, d = a.dim;
   const int64_t n_pad = (n + kBwdRows - 1) / kBwdRows * kBwdRows;
   Arena arena(scratch);
@@ -350,18 +347,20 @@ void backward_avx512(const InteractionBwdArgs& a, int64_t begin, int64_t end, vo
     pack_rows_f32<T>(a.inputs, a.row_strides, n, d, b, packed);
     const void* g_first_ptr = g;
     pack_rows_f32<T>(&g_first_ptr, &d, 1, d, 0, g0);
-    auto store = [&](int64_t i, int64_t k, __m512 v, __mmask16 m) {
+    // Row i of S X over columns [k, k + 16 * NV), the last vector masked by `last`.
+    auto store = [&](int64_t i, int64_t k, auto& v, __mmask16 last) {
+      constexpr int NV = sizeof(v) / sizeof(__m512);
       if (i >= n) return;
-      if (i == 0) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, g0 + k));
-      T* dst = static_cast<T*>(a.grad_inputs[i]) + b * d + k;
-      if constexpr (kBf16) {
-        _mm256_mask_storeu_epi16(dst, m, f32x16_to_bf16(v));
-      } else {
-        _mm512_mask_storeu_ps(dst, m, v);
+      if (i == 0) {
+#pragma GCC unroll 8
+        for (int q = 0; q < NV; ++q)
+          v[q] = _mm512_add_ps(v[q], _mm512_maskz_loadu_ps(q == NV - 1 ? last : 0xffff, g0 + k + 16 * q));
       }
+      store_vectors<NV>(static_cast<T*>(a.grad_inputs[i]) + b * d + k, v, last, a.stream_grads);
     };
     sx_all(s, n, d, rows, store);
   }
+  if (a.stream_grads) _mm_sfence();  // non-temporal stores are weakly ordered: publish them before the task ends
 }
 
 #endif  // __AVX512F__

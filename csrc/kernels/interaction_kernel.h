@@ -26,6 +26,7 @@ struct InteractionBwdArgs {
   void* const* grad_inputs;  // num_inputs contiguous (B, dim)
   int64_t num_inputs;
   int64_t dim;
+  bool stream_grads;  // write whole aligned lines of grad_inputs with non-temporal stores
 };
 
 // Each call handles samples [begin, end) and uses `scratch`, which holds at

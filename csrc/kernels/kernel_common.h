@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -127,6 +128,45 @@ inline __m256i f32x16_to_bf16(__m512 v) {
 inline __mmask16 tail_mask16(int64_t count) {
   if (count <= 0) return 0;
   return count >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1u);
+}
+
+// Full, aligned vectors may go out as non-temporal stores (stream).
+template <typename T>
+inline void store16(T* p, __m512 v, __mmask16 m, bool stream) {
+  const auto addr = reinterpret_cast<uintptr_t>(p);
+  if constexpr (std::is_same<T, float>::value) {
+    if (stream && m == 0xffff && (addr & 63) == 0) {
+      _mm512_stream_ps(p, v);
+    } else {
+      _mm512_mask_storeu_ps(p, m, v);
+    }
+  } else {
+    if (stream && m == 0xffff && (addr & 31) == 0) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), f32x16_to_bf16(v));
+    } else {
+      _mm256_mask_storeu_epi16(p, m, f32x16_to_bf16(v));
+    }
+  }
+}
+
+// NV vectors to p[0, 16 * NV), the last one masked.  bf16 pairs fill whole
+// lines, so a streamed row goes out as one 64-byte store per line (two
+// half-line ones left the 1-index bf16 embedding forward store-bound).
+template <int NV, typename T>
+inline void store_vectors(T* p, const __m512 (&v)[NV], __mmask16 last, bool stream) {
+  if constexpr (!std::is_same<T, float>::value && NV % 2 == 0) {
+    if (stream && last == 0xffff && (reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+#pragma GCC unroll 4
+      for (int i = 0; i < NV; i += 2) {
+        const __m512i line =
+            _mm512_inserti64x4(_mm512_castsi256_si512(f32x16_to_bf16(v[i])), f32x16_to_bf16(v[i + 1]), 1);
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(p + 16 * i), line);
+      }
+      return;
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < NV; ++i) store16(p + 16 * i, v[i], i == NV - 1 ? last : 0xffff, stream);
 }
 #endif
 

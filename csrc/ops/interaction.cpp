@@ -7,6 +7,7 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "dispatch/isa.h"
@@ -111,8 +112,12 @@ std::vector<at::Tensor> interaction_backward_cpu(const at::Tensor& grad_out_in, 
   if (batch == 0 || d == 0) return grads;
 
   const RowPointers rp(inputs);
+  // As in the embedding forward: once each thread's share of the gradients
+  // outgrows half its L2, skip reading their lines before overwriting them.
+  const int64_t grad_bytes = n * batch * d * static_cast<int64_t>(inputs[0].element_size());
+  const bool stream = grad_bytes / std::max<int64_t>(1, at::get_num_threads()) > (int64_t(1) << 20);
   kernels::InteractionBwdArgs args{grad_out.data_ptr(), batch > 1 ? grad_out.stride(0) : 0, rp.data.data(),
-                                   rp.strides.data(), grad_ptrs.data(), n, d};
+                                   rp.strides.data(), grad_ptrs.data(), n, d, stream};
   const auto fn = IPEX_LITE_KERNEL_TABLE(interaction_kernels).backward[kernel_dtype(grad_out.scalar_type())];
   const int64_t scratch_bytes = kernels::interaction_bwd_scratch_bytes(n, d);
   at::parallel_for(0, batch, kGrain, [&](int64_t begin, int64_t end) {

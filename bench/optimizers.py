@@ -40,7 +40,7 @@ def main(argv=None):
     setup_from_args(args)
     n = args.params
     report = Report(f"optimizer step, {n / 1e6:.0f}M parameters", reference="torch fused fp32")
-    for name in args.only.split(","):
+    for name in filter(None, args.only.split(",")):  # --only "" times the whole step alone
         ref_cls, lite_cls, kw, states, second_pass = OPTIMIZERS[name]
         p_ref = torch.nn.Parameter(torch.randn(n))
         p_lite = torch.nn.Parameter(p_ref.detach().clone())

@@ -168,3 +168,83 @@ def test_weight_widened_in_blocks_gives_the_same_results(monkeypatch):
     assert torch.equal(outs[0][0], outs[1][0])
     for a, b in zip(outs[0][1:], outs[1][1:]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _record_row_updates(monkeypatch):
+    """Small row blocks, and a list of what each row_update call returned."""
+    monkeypatch.setattr(ipex_lite.nn.linear, "_BLOCK_ELEMS", 100)  # 64 x 16 weight: 6 rows per block
+    hook_cls = ipex_lite.optim._UpdateInBackward
+    real, returned = hook_cls.row_update, []
+
+    def spy(self, p):
+        returned.append(real(self, p))
+        return returned[-1]
+    monkeypatch.setattr(hook_cls, "row_update", spy)
+    return returned
+
+
+@pytest.mark.skipif(HAS_AMX, reason="with AMX optimize keeps bf16 GEMMs (nn.Linear)")
+@pytest.mark.parametrize("opt_cls,kw", [(torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
+                                         (torch.optim.Adam, dict(lr=1e-2)),
+                                         (torch.optim.AdamW, dict(lr=1e-2, amsgrad=True)),
+                                         (torch.optim.Adagrad, dict(lr=0.1, lr_decay=0.01))])
+def test_update_in_backward_by_row_blocks_equals_separate_step(monkeypatch, opt_cls, kw):
+    returned = _record_row_updates(monkeypatch)
+    runs = []
+    for fuse in (False, True):
+        base = _mlp()
+        m, o = ipex_lite.optimize(base, dtype=torch.bfloat16, optimizer=opt_cls(base.parameters(), **kw),
+                                  fuse_update_step=fuse)
+        runs.append((train(m, o, 4), m.state_dict(), m))
+    assert runs[0][0] == runs[1][0]
+    for k, v in runs[0][1].items():
+        assert torch.equal(v, runs[1][1][k]), k
+    assert all(p.grad is None for p in runs[1][2].parameters())
+    assert len(returned) == 3 * 4 and all(r is not None for r in returned)  # every weight, every step
+
+
+class _SharedWeights(nn.Module):
+    """One 32 x 32 weight used three times per forward: twice through `a`, once through `b`."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.a, self.b, self.head = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 1)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        return self.head(torch.relu(self.b(torch.relu(self.a(torch.relu(self.a(h)))))))
+
+
+@pytest.mark.skipif(HAS_AMX, reason="with AMX optimize keeps bf16 GEMMs (nn.Linear)")
+def test_a_weight_used_more_than_once_takes_its_whole_gradient(monkeypatch):
+    returned = _record_row_updates(monkeypatch)
+    runs = []
+    for fuse in (False, True):
+        base = _SharedWeights()
+        m, o = ipex_lite.optimize(base, dtype=torch.bfloat16, fuse_update_step=fuse,
+                                  optimizer=torch.optim.Adam(base.parameters(), lr=1e-2))
+        runs.append((train(m, o, 3), m.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    for k, v in runs[0][1].items():
+        assert torch.equal(v, runs[1][1][k]), k
+    # per step, backward order head, b, a, a, inp: only the shared weight's three uses decline
+    assert [r is None for r in returned] == [False, True, True, True, False] * 3
+
+
+@pytest.mark.skipif(HAS_AMX, reason="with AMX optimize keeps bf16 GEMMs (nn.Linear)")
+def test_lamb_takes_whole_gradients_in_backward(monkeypatch):
+    returned = _record_row_updates(monkeypatch)
+    runs = []
+    for fuse in (False, True):
+        m = _mlp()
+        o = ipex_lite.optim.Lamb(m.parameters(), lr=1e-2)
+        ipex_lite.optim.split_master_weights_(o)
+        ipex_lite.frontend._fp32_compute_linears(m, None)
+        if fuse:
+            ipex_lite.optim.update_in_backward_(o)
+        runs.append((train(m, o, 3), [ipex_lite.optim.master_weight(o, p) for p in m.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    assert returned and all(r is None for r in returned)  # Lamb's trust ratio needs the whole gradient

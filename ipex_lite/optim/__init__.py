@@ -29,6 +29,11 @@ def _param2(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
     return state["trail"]
 
 
+def _rows(t: torch.Tensor, rows):
+    """Rows [r0, r1) of a parameter-shaped tensor (all of it for rows=None or an empty placeholder)."""
+    return t if rows is None or t.numel() == 0 else t[rows[0]:rows[1]]
+
+
 def _dense_grad(optimizer, p):
     g = p.grad
     if g.is_sparse:
@@ -72,6 +77,16 @@ class _KeepStateDtypes:
         self.register_load_state_dict_pre_hook(_stash_state_dict)
         self.register_load_state_dict_post_hook(_restore_state_dtypes)
 
+    def _begin(self, group, p):
+        """Counts the step of ``p`` and returns ``apply(grad, rows)``, which
+        updates rows [r0, r1) of ``p`` from their gradient (all of ``p`` for
+        rows=None).  The update is element-wise, so row ranges applied one by
+        one give the same result as one call on the whole parameter."""
+        raise NotImplementedError
+
+    def _update(self, group, p):
+        self._begin(group, p)(_dense_grad(self, p), None)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = _evaluate(closure)
@@ -81,7 +96,12 @@ class _KeepStateDtypes:
                     continue
                 _check_param(self, p)
                 self._update(group, p)
+        _new_step(self)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True):
+        super().zero_grad(set_to_none)
+        _new_step(self)
 
 
 def _evaluate(closure):
@@ -126,8 +146,7 @@ class SGD(_KeepStateDtypes, torch.optim.SGD):
                          nesterov=nesterov)
         self._keep_state_dtypes()
 
-    def _update(self, group, p):
-        grad = _dense_grad(self, p)
+    def _begin(self, group, p):
         state = self.state[p]
         momentum = group["momentum"]
         first = False
@@ -138,8 +157,13 @@ class SGD(_KeepStateDtypes, torch.optim.SGD):
                 buf = torch.empty(p.shape, dtype=torch.float32)
                 state["momentum_buffer"] = buf
                 first = True
-        ops.sgd_step_(p, grad, buf, _param2(self, p), float(group["lr"]), float(momentum),
-                      float(group["dampening"]), bool(group["nesterov"]), float(group["weight_decay"]), first)
+        trail = _param2(self, p)
+
+        def apply(grad, rows):
+            ops.sgd_step_(_rows(p, rows), grad, _rows(buf, rows), _rows(trail, rows), float(group["lr"]),
+                          float(momentum), float(group["dampening"]), bool(group["nesterov"]),
+                          float(group["weight_decay"]), first)
+        return apply
 
 
 class _AdamStep(_KeepStateDtypes):
@@ -151,14 +175,18 @@ class _AdamStep(_KeepStateDtypes):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
         self._keep_state_dtypes()
 
-    def _update(self, group, p):
+    def _begin(self, group, p):
         beta1, beta2 = group["betas"]
-        grad = _dense_grad(self, p)
         state = _moment_state(self, p, group["amsgrad"])
-        ops.adam_step_(p, grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq", torch.empty(0)),
-                       _param2(self, p), float(state["step"]), float(group["lr"]), float(beta1), float(beta2),
-                       float(group["eps"]), float(group["weight_decay"]), bool(group["amsgrad"]),
-                       bool(group.get("decoupled_weight_decay", self._decoupled)))
+        m, v, vmax = state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq", torch.empty(0))
+        trail = _param2(self, p)
+
+        def apply(grad, rows):
+            ops.adam_step_(_rows(p, rows), grad, _rows(m, rows), _rows(v, rows), _rows(vmax, rows),
+                           _rows(trail, rows), float(state["step"]), float(group["lr"]), float(beta1), float(beta2),
+                           float(group["eps"]), float(group["weight_decay"]), bool(group["amsgrad"]),
+                           bool(group.get("decoupled_weight_decay", self._decoupled)))
+        return apply
 
 
 class Adam(_AdamStep, torch.optim.Adam):
@@ -198,15 +226,18 @@ class Adagrad(_KeepStateDtypes, torch.optim.Adagrad):
         state["step"] = torch.tensor(0.0)
         state["sum"] = torch.full(p.shape, float(group["initial_accumulator_value"]), dtype=torch.float32)
 
-    def _update(self, group, p):
-        grad = _dense_grad(self, p)
+    def _begin(self, group, p):
         state = self.state[p]
         if "sum" not in state:  # a group added after construction
             self._init_state(group, p)
         state["step"] += 1
         clr = group["lr"] / (1 + (float(state["step"]) - 1) * group["lr_decay"])
-        ops.adagrad_step_(p, grad, state["sum"], _param2(self, p), float(clr), float(group["eps"]),
-                          float(group["weight_decay"]))
+        total, trail = state["sum"], _param2(self, p)
+
+        def apply(grad, rows):
+            ops.adagrad_step_(_rows(p, rows), grad, _rows(total, rows), _rows(trail, rows), float(clr),
+                              float(group["eps"]), float(group["weight_decay"]))
+        return apply
 
 
 class Lamb(_KeepStateDtypes, torch.optim.Optimizer):
@@ -235,20 +266,54 @@ class Lamb(_KeepStateDtypes, torch.optim.Optimizer):
 
 
 class _UpdateInBackward:
-    """Post-accumulate-grad hook: update this parameter now and free its gradient."""
+    """Post-accumulate-grad hook: update this parameter now and free its gradient.
+
+    Layers that build a parameter's gradient row block by row block
+    (:class:`ipex_lite.nn.Fp32ComputeLinear`) may instead hand each block to
+    :meth:`row_update` and never hold the whole gradient.  That is only right
+    when the layer's gradient is the parameter's whole gradient, so they
+    report each forward use with :meth:`note_use`, and a parameter used more
+    than once since the last ``step()`` / ``zero_grad()`` takes the hook."""
 
     def __init__(self, optimizer):
         self.optimizer = optimizer
+        self.uses = {}
+
+    def _group(self, p):
+        return next(g for g in self.optimizer.param_groups if any(q is p for q in g["params"]))
 
     @torch.no_grad()
     def __call__(self, p):
-        opt = self.optimizer
-        for group in opt.param_groups:
-            if any(q is p for q in group["params"]):
-                _check_param(opt, p)
-                opt._update(group, p)
-                break
+        if p.grad is None:  # a layer already applied its gradient by row blocks (AccumulateGrad got None)
+            return
+        _check_param(self.optimizer, p)
+        self.optimizer._update(self._group(p), p)
         p.grad = None
+
+    def note_use(self, p):
+        self.uses[p] = self.uses.get(p, 0) + 1
+
+    def row_update(self, p):
+        """``apply(grad_rows, (r0, r1))`` updating rows of ``p`` at once, or
+        None when ``p`` must take its whole gradient through the hook."""
+        opt = self.optimizer
+        elementwise = type(opt)._begin is not _KeepStateDtypes._begin  # not Lamb: it needs whole-tensor norms
+        if self.uses.get(p) != 1 or p.grad is not None or p.dim() == 0 or not elementwise:
+            return None
+        _check_param(opt, p)
+        return opt._begin(self._group(p), p)
+
+
+def _new_step(optimizer):
+    hook = getattr(optimizer, "_update_in_backward", None)
+    if hook is not None:
+        hook.uses.clear()
+
+
+def update_in_backward_hook(p: torch.Tensor):
+    """The :func:`update_in_backward_` hook registered on ``p``, or None."""
+    hooks = getattr(p, "_post_accumulate_grad_hooks", None) or {}
+    return next((h for h in hooks.values() if isinstance(h, _UpdateInBackward)), None)
 
 
 def update_in_backward_(optimizer: torch.optim.Optimizer):
@@ -259,10 +324,20 @@ def update_in_backward_(optimizer: torch.optim.Optimizer):
     nothing left to do.  Semantics: one backward per step (no gradient
     accumulation over several backward calls) and no gradient clipping or
     other use of the gradients across parameters.  Results equal those of
-    the separate step.  Returns the hook handles (``.remove()`` undoes it)."""
+    the separate step.  Returns the hook handles (``.remove()`` undoes it).
+
+    :class:`ipex_lite.nn.Fp32ComputeLinear` goes further for SGD, Adam,
+    AdamW and Adagrad: it updates its weight row block by row block as it
+    computes the weight gradient, so not even one whole weight gradient is
+    held.  It does so for a weight used once since the last ``step()`` or
+    ``zero_grad()`` (call one of them every step; otherwise the weight takes
+    the whole-gradient hook), and a weight that one of its layers shares
+    with a layer of another kind, or that forward code also reads directly,
+    must not be updated in backward at all."""
     if not isinstance(optimizer, _KeepStateDtypes):
         raise TypeError("update_in_backward_ needs an ipex_lite.optim optimizer")
     hook = _UpdateInBackward(optimizer)
+    optimizer._update_in_backward = hook
     return [p.register_post_accumulate_grad_hook(hook) for g in optimizer.param_groups for p in g["params"]]
 
 

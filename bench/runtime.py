@@ -1,12 +1,17 @@
 """Multi-stream inference: one stream on all cores vs N pinned streams (MultiStreamModule).
 
-    python bench/runtime.py [--model resnet50,bert] [--batches 1,2,4] [--streams 1,2] [--quick] [--json]
+    python bench/runtime.py [--model resnet50,bert] [--batches 1,2,4] [--streams 1,2] [--graph eager,jit]
+                            [--quick] [--json]
 
 For each model and batch: latency of one forward call (p50 / p99 over the
 samples) and throughput (images or sequences per second) with the batch
-split over N streams of len(cores)/N cores each.  Stream counts run
-interleaved in one process; ratios are against one stream.  Models are
-``ipex_lite.optimize``d (fp32).
+split over N streams of len(cores)/N cores each.  Models are
+``ipex_lite.optimize``d (fp32), then run as they are ("eager") or traced and
+frozen ("jit", IPEX's recipe for multi-stream inference: the graph runs
+without Python, so streams do not wait for each other's GIL).  All of a
+model's stream counts and graph kinds run interleaved in one process;
+"ratio" is against one stream of the same kind, "vs eager" against one
+eager stream.
 """
 import argparse
 import os
@@ -34,6 +39,7 @@ def main(argv=None):
     parser.add_argument("--model", default="resnet50,bert")
     parser.add_argument("--batches", default="1,2,4")
     parser.add_argument("--streams", default=None, help="default: 1, 2, 4, ... up to the core count")
+    parser.add_argument("--graph", default="eager,jit", help="eager, jit (trace + freeze) or both")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true")
@@ -50,34 +56,45 @@ def main(argv=None):
         for batch in (int(b) for b in args.batches.split(",")):
             x = torch.randn(batch, 3, 224, 224) if name == "resnet50" else torch.randn(batch, 128, 768)
             opt = ipex_lite.optimize(model, sample_input=x[:1])
-            systems = {n: MultiStreamModule(opt, num_streams=n, cpu_pool=pool) for n in streams if n <= max(1, ncores)}
-            samples = {n: [] for n in systems}
+            graphs = {"eager": opt}
+            if "jit" in args.graph.split(","):
+                with torch.no_grad():
+                    graphs["jit"] = torch.jit.freeze(torch.jit.trace(opt, x[:1]))
+            if "eager" not in args.graph.split(","):
+                del graphs["eager"]
+            systems = {(g, n): MultiStreamModule(m, num_streams=n, cpu_pool=pool)
+                       for g, m in graphs.items() for n in streams if n <= max(1, ncores)}
+            samples = {k: [] for k in systems}
             with torch.no_grad():
                 want = opt(x)
-                for n, ms in systems.items():
+                for ms in systems.values():
                     torch.testing.assert_close(ms(x), want, rtol=1e-4, atol=1e-4)
                 for _ in range(repeat):
-                    for n, ms in systems.items():
+                    for k, ms in systems.items():
                         t = time.perf_counter()
                         ms(x)
-                        samples[n].append(time.perf_counter() - t)
-            base = statistics.median(samples[streams[0]])
-            for n, s in samples.items():
+                        samples[k].append(time.perf_counter() - t)
+            eager_base = statistics.median(samples[("eager", streams[0])]) if "eager" in graphs else None
+            for (g, n), s in samples.items():
                 p50 = statistics.median(s)
-                rows.append({"model": name, "batch": batch, "streams": n, "cores/stream": ncores // n,
-                             "p50 ms": p50 * 1e3, "p99 ms": percentile(s, 99) * 1e3,
-                             "items/s": batch / p50, "ratio": base / p50})
+                rows.append({"model": name, "graph": g, "batch": batch, "streams": n, "cores/stream": ncores // n,
+                             "p50 ms": p50 * 1e3, "p99 ms": percentile(s, 99) * 1e3, "items/s": batch / p50,
+                             "ratio": statistics.median(samples[(g, streams[0])]) / p50,
+                             "vs eager": eager_base / p50 if eager_base else None})
     if args.json:
         import json
         print(json.dumps({"machine": machine(), "rows": rows}, indent=2))
         return
     print(f"\n## multi-stream inference ({ncores} cores)\nmachine: " + ", ".join(f"{k}={v}" for k, v in
                                                                          machine().items()))
-    print("ratio = one-stream p50 / this p50 (same process, interleaved)\n")
-    print("| model | batch | streams x cores | p50 ms | p99 ms | items/s | ratio |\n|---|---|---|---|---|---|---|")
+    print("ratio = one-stream p50 / this p50 (same graph kind); vs eager = one eager stream p50 / this p50 "
+          "(same process, interleaved)\n")
+    print("| model | graph | batch | streams x cores | p50 ms | p99 ms | items/s | ratio | vs eager |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {r['streams']} x {r['cores/stream']} | {r['p50 ms']:.1f} | "
-              f"{r['p99 ms']:.1f} | {r['items/s']:.1f} | {r['ratio']:.2f}x |")
+        vs = f"{r['vs eager']:.2f}x" if r["vs eager"] else ""
+        print(f"| {r['model']} | {r['graph']} | {r['batch']} | {r['streams']} x {r['cores/stream']} | "
+              f"{r['p50 ms']:.1f} | {r['p99 ms']:.1f} | {r['items/s']:.1f} | {r['ratio']:.2f}x | {vs} |")
 
 
 if __name__ == "__main__":

@@ -268,3 +268,60 @@ def _roi_align_backward(ctx, grad):
 
 
 torch.library.register_autograd("ipex_lite::roi_align_forward", _roi_align_backward, setup_context=_roi_align_setup)
+
+
+# ---- packed_conv / packed_linear (traced graphs of optimized models; csrc/ops/packed_weights.cpp)
+def _check_packed_operands(op, x, w, dim):
+    torch._check(w.dim() == dim, lambda: f"{op}: weight must be a dense CPU tensor with {dim} dims, got {tuple(w.shape)}")
+    torch._check(x.dtype == w.dtype and w.dtype in (torch.float32, torch.bfloat16),
+                 lambda: f"{op}: input and weight must both be float32 or both bfloat16, got {x.dtype} and {w.dtype}")
+
+
+def _packed_conv_out(op, x, w, padding, stride, dilation, groups):
+    _check_packed_operands(op, x, w, x.dim())
+    torch._check(x.dim() in (4, 5), lambda: f"{op}: input must be 4-D or 5-D, got {tuple(x.shape)}")
+    torch._check(x.shape[1] == w.shape[1] * groups,
+                 lambda: f"{op}: input has {x.shape[1]} channels, the weight expects {w.shape[1] * groups}")
+    spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+               for n, k, p, s, d in zip(x.shape[2:], w.shape[2:], padding, stride, dilation)]
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d  # oneDNN's output, whatever the input
+    return x.new_empty((x.shape[0], w.shape[0], *spatial)).contiguous(memory_format=fmt)
+
+
+@torch.library.register_fake("ipex_lite::packed_conv")
+def _packed_conv_fake(x, w, b, padding, stride, dilation, groups, attr, scalars, algorithm):
+    return _packed_conv_out("packed_conv", x, w, padding, stride, dilation, groups)
+
+
+@torch.library.register_fake("ipex_lite::packed_conv_add")
+def _packed_conv_add_fake(x, other, w, b, padding, stride, dilation, groups, unary_attr, unary_scalars,
+                          unary_algorithm):
+    torch._check(other.dtype == x.dtype, lambda: "packed_conv_add: other must have the input's dtype")
+    return _packed_conv_out("packed_conv_add", x, w, padding, stride, dilation, groups)
+
+
+@torch.library.register_fake("ipex_lite::packed_conv_add_")
+def _packed_conv_add_inplace_fake(other, x, w, b, padding, stride, dilation, groups, unary_attr, unary_scalars,
+                                  unary_algorithm):
+    torch._check(other.dtype == x.dtype, lambda: "packed_conv_add_: other must have the input's dtype")
+    out = _packed_conv_out("packed_conv_add_", x, w, padding, stride, dilation, groups)
+    torch._check(other.shape == out.shape,
+                 lambda: f"packed_conv_add_: other has shape {tuple(other.shape)}, the output {tuple(out.shape)}")
+
+
+def _packed_linear_out(op, x, w):
+    _check_packed_operands(op, x, w, 2)
+    torch._check(x.dim() >= 1 and x.shape[-1] == w.shape[1],
+                 lambda: f"{op}: input's last dimension is {x.shape[-1] if x.dim() else 0}, "
+                         f"the weight expects {w.shape[1]}")
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@torch.library.register_fake("ipex_lite::packed_linear")
+def _packed_linear_fake(x, w, b, attr, scalars, algorithm):
+    return _packed_linear_out("packed_linear", x, w)
+
+
+@torch.library.register_fake("ipex_lite::packed_linear_add")
+def _packed_linear_add_fake(x, other, w, b):
+    return _packed_linear_out("packed_linear_add", x, w)

@@ -117,7 +117,7 @@ def test_multistream_nested_inputs_outputs_and_hints():
 
 
 @needs_two
-def test_multistream_optimized_int8_and_concurrent_callers():
+def test_multistream_optimized_int8_traced_and_concurrent_callers():
     model = _cnn()
     x = torch.randn(6, 3, 12, 12)
     opt = ipex_lite.optimize(model)
@@ -125,7 +125,9 @@ def test_multistream_optimized_int8_and_concurrent_callers():
     with torch.no_grad():
         prepared(x)
     int8 = ipex_lite.quantization.convert(prepared)
-    for m in (opt, int8):
+    with torch.no_grad():  # IPEX's recipe: a traced, frozen model; it runs its packed ops without the GIL
+        frozen = torch.jit.freeze(torch.jit.trace(opt, x[:3]))
+    for m in (opt, int8, frozen):
         ms = MultiStreamModule(m, num_streams=2)
         with torch.no_grad():
             want = torch.cat([m(c) for c in torch.tensor_split(x, 2)])

@@ -14,12 +14,17 @@ the module tree.  The packed weight is a cache keyed on the sources'
 next call.  It is dropped by ``copy.deepcopy`` and pickling and rebuilt on
 first use.
 
-The packed path runs for inference (no gradient needed).  Under autograd,
-``torch.jit.trace`` and ``torch.compile`` the module computes the same
-function with plain ATen ops on the folded weights, so gradients are right,
-a trace can be frozen and inductor sees ops it knows.
+The packed path runs for inference (no gradient needed).  Under autograd
+and ``torch.compile`` the module computes the same function with plain ATen
+ops on the folded weights, so gradients are right and inductor sees ops it
+knows.  Under ``torch.jit.trace`` Conv2d/3d and Linear record
+``ipex_lite::packed_conv`` / ``packed_linear`` on the plain folded weights:
+a trace cannot hold oneDNN's packed tensors, so those ops pack on first use
+(csrc/ops/packed_weights.cpp), and a frozen graph runs packed, without
+Python, and can be saved and loaded on another machine.
 """
 import threading
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -29,6 +34,7 @@ from torch import nn
 __all__ = ["PackedConv", "PackedConvTranspose", "PackedLinear", "PackCache", "UNARY"]
 
 mkldnn = torch.ops.mkldnn
+lite_ops = torch.ops.ipex_lite
 
 # post-op name -> (oneDNN attr, scalars, algorithm, eager function)
 UNARY = {
@@ -42,6 +48,14 @@ UNARY = {
     "hardsigmoid": ("hardsigmoid", [], "", F.hardsigmoid),
     "relu6": ("hardtanh", [0.0, 6.0], "", F.relu6),
 }
+
+
+def _shape_test(test) -> bool:
+    """A test on shapes: a trace is specialised on its outcome (as on every
+    shape), so the TracerWarning it raises while tracing says nothing new."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return bool(test())
 
 
 def _leaky(slope):
@@ -171,14 +185,26 @@ class _Packed(nn.Module):
         # floating inputs compute in the module's dtype; others reach the stock op and its error
         return x.to(self.dtype) if x.is_floating_point() else x
 
+    # whether a trace records this layer's packed op (see the module docstring)
+    _traces_packed = False
+
     def _needs_reference(self, x: torch.Tensor) -> bool:
-        if not self.prepack or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        if not self.prepack or torch.jit.is_scripting() or torch.compiler.is_compiling():
+            return True
+        if torch.jit.is_tracing() and not self._traces_packed:
             return True
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self._sources())):
             return True
         return x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu"
 
     def _packed(self, x: torch.Tensor):
+        """(weight, bias) for the packed ops: oneDNN-packed for eager calls; in a
+        trace, the plain folded ones (recorded from the parameters, so a frozen
+        graph holds them as constants), which ipex_lite's graph ops pack."""
+        if torch.jit.is_tracing():
+            w, b = self._folded()
+            return w.to(self.dtype).contiguous(), None if b is None else b.to(self.dtype)
+
         def build():
             with torch.no_grad():
                 w, b = self._folded()
@@ -239,6 +265,7 @@ class PackedConv(_Packed):
         # set by optimize() where ``other`` is a fresh tensor nobody reads afterwards: the sum is written into it
         self.inplace_add = False
         self._conv_padding = conv.padding  # what F.convNd takes (may be "same"/"valid")
+        self._traces_packed = self.nd in (2, 3)  # 1-D convolutions have no packed layout
         if self.padding is None or self.padding_mode != "zeros":
             self.prepack = False  # asymmetric "same" padding or a non-zero padding mode: plain path
 
@@ -281,20 +308,28 @@ class PackedConv(_Packed):
             return self.reference(x, other)
         x = x.to(self.dtype).contiguous(memory_format=self._memory_format())
         w, b = self._packed(x)
+        traced = torch.jit.is_tracing()
+        conv, conv_add = ((lite_ops.packed_conv, lite_ops.packed_conv_add) if traced else
+                          (mkldnn._convolution_pointwise, mkldnn._convolution_pointwise.binary))
         attr, scalars, algo = self._attr()
         args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
         if other is None:
-            return mkldnn._convolution_pointwise(x, w, b, *args, attr, scalars, algo)
-        if tuple(other.shape) != self._out_shape(x) or not other.is_floating_point():
+            return conv(x, w, b, *args, attr, scalars, algo)
+        if _shape_test(lambda: tuple(other.shape) != self._out_shape(x)) or not other.is_floating_point():
             # a broadcast operand: no fused add
-            y = mkldnn._convolution_pointwise(x, w, b, *args, "none", [], "")
+            y = conv(x, w, b, *args, "none", [], "")
             return self._post(y, other)
         other = other.to(self.dtype)
         unary = (attr if attr != "none" else None, scalars, algo or None)
         if self.inplace_add and other.is_contiguous(memory_format=self._memory_format()):
+            if traced:
+                lite_ops.packed_conv_add_(other, x, w, b, *args, *unary)
+                return other
             return mkldnn._convolution_pointwise_.binary(other, x, w, b, *args, "add", None, *unary)
         other = other.contiguous(memory_format=self._memory_format())
-        return mkldnn._convolution_pointwise.binary(x, other, w, b, *args, "add", None, *unary)
+        if traced:
+            return conv_add(x, other, w, b, *args, *unary)
+        return conv_add(x, other, w, b, *args, "add", None, *unary)
 
 
 class PackedConvTranspose(_Packed):
@@ -342,6 +377,8 @@ class PackedLinear(_Packed):
     (their weights stacked); the module then has no parameters of its own (the
     sources stay registered where they were) and returns the pieces as a tuple."""
 
+    _traces_packed = True
+
     def __init__(self, linear: Optional[nn.Linear], bn=None, unary=None, binary=False, dtype=torch.float32,
                  prepack=True, unary_spec=None, concat: Sequence[nn.Linear] = ()):
         if concat:
@@ -387,15 +424,20 @@ class PackedLinear(_Packed):
         return self._split(self._post(y, None if other is None else other.to(y.dtype)))
 
     def _compute(self, x, other=None):
-        if self._needs_reference(x) or (self.bn is not None and x.dim() != 2) or x.shape[-1] != self.in_features:
+        if self._needs_reference(x) or (self.bn is not None and x.dim() != 2) or \
+                _shape_test(lambda: x.shape[-1] != self.in_features):
             return self.reference(x, other)
         x = x.to(self.dtype)
         if not x.is_contiguous():
             x = x.contiguous()
         w, b = self._packed(x)
+        linear, linear_add = ((lite_ops.packed_linear, lite_ops.packed_linear_add) if torch.jit.is_tracing() else
+                              (mkldnn._linear_pointwise, mkldnn._linear_pointwise.binary))
         attr, scalars, algo = self._attr()
         if other is None:
-            return self._split(mkldnn._linear_pointwise(x, w, b, attr, scalars, algo))
-        if other.shape != (*x.shape[:-1], self.out_features) or not other.is_floating_point() or attr != "none":
-            return self._post(mkldnn._linear_pointwise(x, w, b, "none", [], ""), other)
-        return mkldnn._linear_pointwise.binary(x, other.to(self.dtype).contiguous(), w, b, "add")
+            return self._split(linear(x, w, b, attr, scalars, algo))
+        if _shape_test(lambda: tuple(other.shape) != (*x.shape[:-1], self.out_features)) or \
+                not other.is_floating_point() or attr != "none":
+            return self._post(linear(x, w, b, "none", [], ""), other)
+        other = other.to(self.dtype).contiguous()
+        return linear_add(x, other, w, b) if torch.jit.is_tracing() else linear_add(x, other, w, b, "add")

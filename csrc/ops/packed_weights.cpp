@@ -1,0 +1,209 @@
+// ipex_lite::packed_conv / packed_linear (+ _add variants): torch's oneDNN
+// convolution / linear ops on a plain weight, packed into oneDNN's blocked
+// layout on first use and kept in a process-wide cache.
+//
+// They exist for graphs: torch.jit.trace cannot hold oneDNN's opaque packed
+// tensors as constants, so a traced (and frozen) optimized model holds the
+// plain folded weights and calls these ops, and the packing happens here,
+// on the machine that runs the graph (a saved graph loads anywhere).  The
+// graph then runs without Python, so streams (ipex_lite.cpu.runtime) do not
+// contend for the GIL either.  Eager modules keep their own per-module cache
+// (ipex_lite/nn/prepacked.py).
+//
+// Cache key: the weight's storage (held weakly: a dead storage's entry is
+// dropped), its offset and version (an in-place edit repacks), the calling
+// thread's OpenMP team size and the input shape, both of which decide the
+// layout oneDNN picks.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <list>
+#include <mutex>
+#include <vector>
+
+namespace ipex_lite {
+namespace {
+
+struct PackKey {
+  const c10::StorageImpl* storage;
+  int64_t offset;
+  int64_t version;
+  int threads;
+  std::vector<int64_t> shape;  // input shape (conv) or {rows} (linear)
+  bool operator==(const PackKey& o) const {
+    return storage == o.storage && offset == o.offset && version == o.version && threads == o.threads &&
+           shape == o.shape;
+  }
+};
+
+struct PackEntry {
+  PackKey key;
+  c10::weak_intrusive_ptr<c10::StorageImpl> alive;
+  at::Tensor packed;
+};
+
+class PackCache {
+ public:
+  // Entries beyond this are dropped oldest first: every weight of a model at
+  // one or two shapes and team sizes fits.
+  static constexpr size_t kMax = 1024;
+
+  template <typename Build>
+  at::Tensor get(const at::Tensor& weight, std::vector<int64_t> shape, const Build& build) {
+    const auto& storage = weight.storage();
+    PackKey key{storage.unsafeGetStorageImpl(), weight.storage_offset(), weight._version(), at::get_num_threads(),
+                std::move(shape)};
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+        if (it->key == key && !it->alive.expired()) {
+          entries_.splice(entries_.begin(), entries_, it);  // most recently used first
+          return it->packed;
+        }
+      }
+    }
+    at::Tensor packed = build();  // outside the lock: packing a large weight takes a while
+    std::lock_guard<std::mutex> lock(mu_);
+    entries_.remove_if([](const PackEntry& e) { return e.alive.expired(); });
+    while (entries_.size() >= kMax) entries_.pop_back();
+    entries_.push_front(PackEntry{std::move(key), storage.getWeakStorageImpl(), packed});
+    return packed;
+  }
+
+ private:
+  std::mutex mu_;
+  std::list<PackEntry> entries_;
+};
+
+PackCache& cache() {
+  static PackCache c;
+  return c;
+}
+
+// Boxed calls into torch's mkldnn ops: the argument IValues pass through as they came.
+c10::IValue call(const char* name, const char* overload, torch::jit::Stack stack) {
+  const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
+  op.callBoxed(&stack);
+  return std::move(stack[0]);
+}
+
+void check_weight(const char* op, const at::Tensor& x, const at::Tensor& w, int64_t dim) {
+  TORCH_CHECK(w.layout() == at::kStrided && w.device().is_cpu() && w.dim() == dim, op,
+              ": weight must be a dense CPU tensor with ", dim, " dims, got ", w.sizes());
+  TORCH_CHECK(x.device().is_cpu() && x.layout() == at::kStrided, op, ": input must be a dense CPU tensor");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+              op, ": input and weight must both be float32 or both bfloat16, got ", x.scalar_type(), " and ",
+              w.scalar_type());
+}
+
+at::Tensor packed_conv_weight(const char* op, const at::Tensor& x, const at::Tensor& w, const c10::IValue& padding,
+                              const c10::IValue& stride, const c10::IValue& dilation, int64_t groups) {
+  check_weight(op, x, w, x.dim());
+  TORCH_CHECK(x.dim() == 4 || x.dim() == 5, op, ": input must be 4-D or 5-D, got ", x.sizes());
+  TORCH_CHECK(x.size(1) == w.size(1) * groups, op, ": input has ", x.size(1), " channels, the weight expects ",
+              w.size(1) * groups);
+  return cache().get(w, x.sizes().vec(), [&] {
+    return call("mkldnn::_reorder_convolution_weight", "",
+                {w.contiguous(), padding, stride, dilation, groups, c10::IValue(x.sizes().vec())})
+        .toTensor();
+  });
+}
+
+// The graph ops take their post-op scalars as float[] (the tracer cannot
+// record Scalar?[]); torch's ops take Scalar?[].
+c10::IValue scalars(const c10::IValue& v) {
+  c10::List<std::optional<at::Scalar>> out;
+  for (double s : v.toDoubleVector()) out.push_back(at::Scalar(s));
+  return out;
+}
+
+enum class ConvAdd { kNone, kOut, kInPlace };
+
+// packed_conv:      X, W, B, padding, stride, dilation, groups, attr, scalars, algorithm
+// packed_conv_add:  X, other, W, B, padding, stride, dilation, groups, unary_attr, unary_scalars, unary_algorithm
+// packed_conv_add_: other, X, W, ... as packed_conv_add; the sum is written into other and
+//                   nothing returned (functionalization takes no aliased outputs of custom ops)
+void packed_conv(torch::jit::Stack* stack, ConvAdd add) {
+  const char* op = add == ConvAdd::kNone ? "packed_conv" : add == ConvAdd::kOut ? "packed_conv_add" : "packed_conv_add_";
+  auto args = torch::jit::pop(*stack, add == ConvAdd::kNone ? 10 : 11);
+  const size_t w_at = add == ConvAdd::kNone ? 1 : 2;
+  const size_t x_at = add == ConvAdd::kInPlace ? 1 : 0;
+  const at::Tensor x = args[x_at].toTensor();
+  args[w_at] = packed_conv_weight(op, x, args[w_at].toTensor(), args[w_at + 2], args[w_at + 3], args[w_at + 4],
+                                  args[w_at + 5].toInt());
+  args[w_at + 7] = scalars(args[w_at + 7]);
+  if (add != ConvAdd::kNone) {
+    TORCH_CHECK(args[1 - x_at].toTensor().scalar_type() == x.scalar_type(), op, ": other must have the input's dtype");
+    // torch's binary form: ..., groups, binary_attr, alpha, unary_attr, unary_scalars, unary_algorithm
+    args.insert(args.begin() + w_at + 6, {c10::IValue("add"), c10::IValue()});
+  }
+  if (add == ConvAdd::kInPlace) {
+    call("mkldnn::_convolution_pointwise_", "binary", std::move(args));  // returns nothing: see the schema
+    return;
+  }
+  torch::jit::push(*stack, call("mkldnn::_convolution_pointwise", add == ConvAdd::kNone ? "" : "binary",
+                                std::move(args)));
+}
+
+void packed_conv_boxed(const c10::OperatorHandle&, torch::jit::Stack* s) { packed_conv(s, ConvAdd::kNone); }
+void packed_conv_add_boxed(const c10::OperatorHandle&, torch::jit::Stack* s) { packed_conv(s, ConvAdd::kOut); }
+void packed_conv_add__boxed(const c10::OperatorHandle&, torch::jit::Stack* s) { packed_conv(s, ConvAdd::kInPlace); }
+
+// packed_linear:     X, W, B, attr, scalars, algorithm
+// packed_linear_add: X, other, W, B (torch's binary form adds binary_attr "add")
+void packed_linear(torch::jit::Stack* stack, bool add) {
+  const char* op = add ? "packed_linear_add" : "packed_linear";
+  auto args = torch::jit::pop(*stack, add ? 4 : 6);
+  const size_t w_at = add ? 2 : 1;
+  const at::Tensor x = args[0].toTensor();
+  const at::Tensor w = args[w_at].toTensor();
+  check_weight(op, x, w, 2);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.size(1), op, ": input's last dimension is ",
+              x.dim() ? x.size(-1) : 0, ", the weight expects ", w.size(1));
+  const int64_t rows = x.size(-1) ? x.numel() / x.size(-1) : 0;
+  args[w_at] = cache().get(w, {rows}, [&] {
+    return call("mkldnn::_reorder_linear_weight", "", {w.contiguous(), std::max<int64_t>(1, rows)}).toTensor();
+  });
+  if (!x.is_contiguous()) args[0] = x.contiguous();
+  if (add) {
+    args.emplace_back("add");
+  } else {
+    args[4] = scalars(args[4]);
+  }
+  torch::jit::push(*stack, call("mkldnn::_linear_pointwise", add ? "binary" : "", std::move(args)));
+}
+
+void packed_linear_boxed(const c10::OperatorHandle&, torch::jit::Stack* s) { packed_linear(s, false); }
+void packed_linear_add_boxed(const c10::OperatorHandle&, torch::jit::Stack* s) { packed_linear(s, true); }
+
+}  // namespace
+}  // namespace ipex_lite
+
+TORCH_LIBRARY_FRAGMENT(ipex_lite, m) {
+  m.def("packed_conv(Tensor X, Tensor W, Tensor? B, int[] padding, int[] stride, int[] dilation, int groups, "
+        "str attr, float[] scalars, str? algorithm) -> Tensor");
+  m.def("packed_conv_add(Tensor X, Tensor other, Tensor W, Tensor? B, int[] padding, int[] stride, int[] dilation, "
+        "int groups, str? unary_attr, float[] unary_scalars, str? unary_algorithm) -> Tensor");
+  m.def("packed_conv_add_(Tensor(a!) other, Tensor X, Tensor W, Tensor? B, int[] padding, int[] stride, "
+        "int[] dilation, int groups, str? unary_attr, float[] unary_scalars, str? unary_algorithm) -> ()");
+  m.def("packed_linear(Tensor X, Tensor W, Tensor? B, str attr, float[] scalars, str? algorithm) -> Tensor");
+  m.def("packed_linear_add(Tensor X, Tensor other, Tensor W, Tensor? B) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ipex_lite, CPU, m) {
+  m.impl("packed_conv", torch::CppFunction::makeFromBoxedFunction<&ipex_lite::packed_conv_boxed>());
+  m.impl("packed_conv_add", torch::CppFunction::makeFromBoxedFunction<&ipex_lite::packed_conv_add_boxed>());
+  m.impl("packed_conv_add_", torch::CppFunction::makeFromBoxedFunction<&ipex_lite::packed_conv_add__boxed>());
+  m.impl("packed_linear", torch::CppFunction::makeFromBoxedFunction<&ipex_lite::packed_linear_boxed>());
+  m.impl("packed_linear_add", torch::CppFunction::makeFromBoxedFunction<&ipex_lite::packed_linear_add_boxed>());
+}
+
+// Inference ops: calling them on tensors that need gradients is an error, not a silent detach.
+TORCH_LIBRARY_IMPL(ipex_lite, Autograd, m) {
+  for (const char* name : {"packed_conv", "packed_conv_add", "packed_conv_add_", "packed_linear", "packed_linear_add"})
+    m.impl(name, torch::autograd::autogradNotImplementedFallback());
+}

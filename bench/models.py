@@ -178,9 +178,12 @@ def bench_model(name, args, report):
     def autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return model(x)
+    with torch.no_grad():  # IPEX's inference recipe: trace + freeze; the graph calls the packed ops
+        fp32_jit = torch.jit.freeze(torch.jit.trace(fp32, x))
+        fp32_jit(x)
     systems = {"stock fp32": lambda: model(x), "stock bf16 autocast": autocast,
-               "ipex_lite fp32": lambda: fp32(x), "ipex_lite bf16": lambda: bf16(x),
-               "ipex_lite bf16 auto_kernel_selection": lambda: bf16_auto(x)}
+               "ipex_lite fp32": lambda: fp32(x), "ipex_lite fp32 jit": lambda: fp32_jit(x),
+               "ipex_lite bf16": lambda: bf16(x), "ipex_lite bf16 auto_kernel_selection": lambda: bf16_auto(x)}
     if args.compile:
         compiled = _compiled(model, x)
         systems["torch.compile fp32 (freezing)"] = lambda: compiled(x)

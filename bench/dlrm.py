@@ -51,6 +51,10 @@ def main(argv=None):
     # what a user runs: merged tables + fused interaction, then optimize() for prepacked, ReLU-fused MLPs
     lite_opt = ipex_lite.optimize(lite)
     systems["ipex_lite"] = lambda: lite_opt(dense, indices, offsets)
+    with torch.no_grad():  # IPEX's inference recipe: trace + freeze (the graph runs the packed and fused ops)
+        lite_jit = torch.jit.freeze(torch.jit.trace(lite_opt, (dense, indices, offsets)))
+        lite_jit(dense, indices, offsets)
+    systems["ipex_lite jit"] = lambda: lite_jit(dense, indices, offsets)
 
     def lite_bf16():
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -430,6 +430,12 @@ def optimize_for_inference(model: nn.Module, knobs: Knobs, sample_input=None) ->
             _select_kernels(model, args, report)
         else:
             _cast_rest_to_bf16(model, report)
+    if knobs.auto_kernel_selection and knobs.weights_prepack:
+        if args is None:
+            report.add("", "auto_kernel_selection", "fp32 Linear kernels: oneDNN (pass sample_input to time "
+                       "oneDNN, MKL and ATen per layer)")
+        else:
+            _choose_fp32_linear_kernels(model, args, report)
     if args is not None:
         with torch.no_grad():
             model(*args)  # packs every weight for the real input shapes
@@ -491,15 +497,42 @@ def _select_kernels(model: nn.Module, args, report: Report) -> None:
                        f"sample call against {t_fp32 * 1e3:.1f} ms for the whole model in fp32")
 
 
-def _per_layer_choice(model: nn.Module, args, report: Report) -> None:
-    packed = _packed_layers(model)
+def _layer_inputs(model: nn.Module, layers, args) -> dict:
+    """The positional inputs each of ``layers`` (name, module) receives in ``model(*args)``."""
     inputs = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, a, _n=name: inputs.setdefault(_n, a)) for name, m in packed]
+    hooks = [m.register_forward_pre_hook(lambda mod, a, _n=name: inputs.setdefault(_n, a)) for name, m in layers]
     try:
-        model(*args)
+        with torch.no_grad():
+            model(*args)
     finally:
         for h in hooks:
             h.remove()
+    return inputs
+
+
+def _choose_fp32_linear_kernels(model: nn.Module, args, report: Report) -> None:
+    """Each fp32 PackedLinear keeps the fastest of oneDNN packed, MKL packed and ATen on its real input
+    (all fp32 GEMMs of the same operands: the choice moves results by summation order only)."""
+    layers = [(name, m) for name, m in _packed_layers(model) if isinstance(m, PackedLinear)
+              and m.dtype == torch.float32 and m.prepack and m.out_dtype is None]
+    inputs = _layer_inputs(model, layers, args)
+    with torch.no_grad():
+        for name, m in layers:
+            if name not in inputs:
+                continue
+            timing = {}
+            for kernel in PackedLinear.KERNELS:
+                m.set_kernel(kernel)
+                timing[kernel] = _time_call(lambda: m(*inputs[name]))
+            best = min(timing, key=timing.get)
+            m.set_kernel(best)
+            report.add(name, "kernel", f"fp32 {best} (" + ", ".join(f"{k} {t * 1e3:.3f} ms" for k, t in
+                                                                      timing.items()) + ")")
+
+
+def _per_layer_choice(model: nn.Module, args, report: Report) -> None:
+    packed = _packed_layers(model)
+    inputs = _layer_inputs(model, packed, args)
     for name, m in packed:
         if name not in inputs:
             continue

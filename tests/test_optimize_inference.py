@@ -198,6 +198,46 @@ def test_auto_kernel_selection(with_sample):
     assert all(v.dtype == torch.float32 for k, v in opt.state_dict().items() if v.is_floating_point())
 
 
+@pytest.mark.parametrize("kernel", PackedLinear.KERNELS)
+def test_every_fp32_linear_kernel_computes_the_same_layer(kernel):
+    torch.manual_seed(0)
+    lin, bn = nn.Linear(24, 16), nn.BatchNorm1d(16).eval()
+    _randomize_bn(bn)
+    x, other = torch.randn(6, 24), torch.randn(6, 16)
+    packed = PackedLinear(lin, bn=bn, unary="relu")
+    add = PackedLinear(lin, binary=True)
+    q, k = nn.Linear(24, 8), nn.Linear(24, 5)
+    cat = PackedLinear(None, concat=[q, k])
+    for m in (packed, add, cat):
+        m.set_kernel(kernel)
+        assert (kernel == "onednn") == ("kernel=" not in repr(m))
+    with torch.no_grad():
+        assert_close_fp32(packed(x), F.relu(bn(lin(x))))
+        assert_close_fp32(add(x, other), lin(x) + other)
+        got_q, got_k = cat(x)
+        assert_close_fp32(got_q, q(x))
+        assert_close_fp32(got_k, k(x))
+        assert_close_fp32(copy.deepcopy(packed)(x), F.relu(bn(lin(x))))  # the choice survives a copy
+        assert "ipex_lite::packed_linear" in str(torch.jit.trace(add, (x, other)).inlined_graph)  # traces stay portable
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        packed.set_kernel("blas")
+
+
+@pytest.mark.parametrize("with_sample", [False, True])
+def test_auto_kernel_selection_times_fp32_linear_kernels(with_sample):
+    model, x = make("mlp")
+    opt = ipex_lite.optimize(model, auto_kernel_selection=True, sample_input=x if with_sample else None)
+    text = ipex_lite.explain(opt)
+    linears = [m for m in packed_modules(opt) if isinstance(m, PackedLinear)]
+    if with_sample:
+        assert text.count("kernel: fp32") == len(linears) == 3, text
+        assert all(f"{k} " in text for k in PackedLinear.KERNELS)  # every candidate timed
+    else:
+        assert "pass sample_input" in text and all(m.kernel == "onednn" for m in linears)
+    with torch.no_grad():
+        assert_close_fp32(opt(x), model(x))
+
+
 def test_auto_kernel_selection_per_layer_mix_is_consistent():
     model, x = make("bert")
     opt = ipex_lite.optimize(model, dtype=torch.bfloat16, sample_input=x)

@@ -246,6 +246,8 @@ class _Packed(nn.Module):
             parts.append(f"post_op={self.unary}")
         if self.binary:
             parts.append("residual_add=True")
+        if getattr(self, "kernel", "onednn") != "onednn":
+            parts.append(f"kernel={self.kernel}")
         return ", ".join(parts)
 
 
@@ -378,6 +380,11 @@ class PackedLinear(_Packed):
     sources stay registered where they were) and returns the pieces as a tuple."""
 
     _traces_packed = True
+    # fp32 GEMM kernel, chosen per layer by optimize(auto_kernel_selection=True): "onednn" (packed, post-ops
+    # fused), "mkl" (MKL's packed sgemm, post-ops after it) or "aten" (F.linear on the folded weight).
+    # Traces always record the oneDNN op, which packs for the machine that runs the graph.
+    kernel = "onednn"
+    KERNELS = ("onednn", "mkl", "aten")
 
     def __init__(self, linear: Optional[nn.Linear], bn=None, unary=None, binary=False, dtype=torch.float32,
                  prepack=True, unary_spec=None, concat: Sequence[nn.Linear] = ()):
@@ -409,8 +416,24 @@ class PackedLinear(_Packed):
                                  for m in self.sources])
         return super()._folded()
 
+    def set_kernel(self, kernel: str) -> None:
+        """Use ``kernel`` (one of KERNELS) for fp32 calls; packed weights are rebuilt on the next call."""
+        if kernel not in self.KERNELS:
+            raise ValueError(f"PackedLinear: kernel must be one of {self.KERNELS}, got {kernel!r}")
+        self.kernel = kernel
+        self.packs.clear()
+
+    def _fp32_kernel(self) -> str:
+        return self.kernel if self.dtype == torch.float32 and not torch.jit.is_tracing() else "onednn"
+
     def _reorder(self, w, x):
-        return mkldnn._reorder_linear_weight(w, max(1, x.numel() // max(1, x.shape[-1])))
+        rows = max(1, x.numel() // max(1, x.shape[-1]))
+        kernel = self._fp32_kernel()
+        if kernel == "mkl":
+            return torch.ops.mkl._mkl_reorder_linear_weight(w, rows), w
+        if kernel == "aten":
+            return w
+        return mkldnn._reorder_linear_weight(w, rows)
 
     def _split(self, y):
         return tuple(torch.split(y, self.splits, dim=-1)) if self.splits is not None else y
@@ -431,6 +454,13 @@ class PackedLinear(_Packed):
         if not x.is_contiguous():
             x = x.contiguous()
         w, b = self._packed(x)
+        kernel = self._fp32_kernel()
+        if kernel != "onednn":
+            if kernel == "mkl":
+                y = torch.ops.mkl._mkl_linear(x, w[0], w[1], b, max(1, x.numel() // max(1, x.shape[-1])))
+            else:
+                y = F.linear(x, w, b)
+            return self._split(self._post(y, other))
         linear, linear_add = ((lite_ops.packed_linear, lite_ops.packed_linear_add) if torch.jit.is_tracing() else
                               (mkldnn._linear_pointwise, mkldnn._linear_pointwise.binary))
         attr, scalars, algo = self._attr()

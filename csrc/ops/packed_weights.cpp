@@ -59,16 +59,19 @@ class PackCache {
                 std::move(shape)};
     {
       std::lock_guard<std::mutex> lock(mu_);
-      for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-        if (it->key == key && !it->alive.expired()) {
+      for (auto it = entries_.begin(); it != entries_.end();) {
+        if (it->alive.expired()) {  // its weight is gone: free the packed copy now
+          it = entries_.erase(it);
+        } else if (it->key == key) {
           entries_.splice(entries_.begin(), entries_, it);  // most recently used first
           return it->packed;
+        } else {
+          ++it;
         }
       }
     }
     at::Tensor packed = build();  // outside the lock: packing a large weight takes a while
     std::lock_guard<std::mutex> lock(mu_);
-    entries_.remove_if([](const PackEntry& e) { return e.alive.expired(); });
     while (entries_.size() >= kMax) entries_.pop_back();
     entries_.push_front(PackEntry{std::move(key), storage.getWeakStorageImpl(), packed});
     return packed;

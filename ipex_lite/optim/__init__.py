@@ -280,14 +280,15 @@ class _UpdateInBackward:
         self.uses = {}
 
     def _group(self, p):
-        return next(g for g in self.optimizer.param_groups if any(q is p for q in g["params"]))
+        """p's param group; None once p has left the optimizer (its hook stays registered)."""
+        return next((g for g in self.optimizer.param_groups if any(q is p for q in g["params"])), None)
 
     @torch.no_grad()
     def __call__(self, p):
-        if p.grad is None:  # a layer already applied its gradient by row blocks (AccumulateGrad got None)
-            return
-        _check_param(self.optimizer, p)
-        self.optimizer._update(self._group(p), p)
+        group = self._group(p)
+        if p.grad is not None and group is not None:  # None: a layer applied it by row blocks already
+            _check_param(self.optimizer, p)
+            self.optimizer._update(group, p)
         p.grad = None
 
     def note_use(self, p):
@@ -298,10 +299,11 @@ class _UpdateInBackward:
         None when ``p`` must take its whole gradient through the hook."""
         opt = self.optimizer
         elementwise = type(opt)._begin is not _KeepStateDtypes._begin  # not Lamb: it needs whole-tensor norms
-        if self.uses.get(p) != 1 or p.grad is not None or p.dim() == 0 or not elementwise:
+        group = self._group(p)
+        if self.uses.get(p) != 1 or p.grad is not None or p.dim() == 0 or not elementwise or group is None:
             return None
         _check_param(opt, p)
-        return opt._begin(self._group(p), p)
+        return opt._begin(group, p)
 
 
 def _new_step(optimizer):

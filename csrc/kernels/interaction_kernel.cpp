@@ -281,69 +281,106 @@ void forward_bf16_avx512(const InteractionFwdArgs& a, int64_t begin, int64_t end
 #endif
 constexpr int kBwdRows = IPEX_LITE_BWD_ROWS;  // rows of S X per register block
 constexpr int kBwdVecs = IPEX_LITE_BWD_VECS;  // 16-float vectors along D per register block
-// sx_all's tail switch and interaction_bwd_scratch_bytes (S padded by 4 rows) assume these bounds.
+// sx_block's four-row reads of the triangle and sx_all's tail switch assume these bounds.
 static_assert(kBwdRows >= 1 && kBwdRows <= 4 && kBwdVecs >= 1 && kBwdVecs <= 4, "register block too large");
 
-// Rows i0..i0+kBwdRows-1 of S X over columns [k, k + 16 * NV); the last
-// vector is masked by `last`.  S is padded to a multiple of kBwdRows rows
-// with zeros.
+// One j step of a row block: acc[r] += s[r] * x_j, x_j = rows[j][k, k + 16 * NV).
+template <int NV>
+inline void sx_step(__m512 (&acc)[kBwdRows][NV], const float* xj, const float (&s)[kBwdRows], __mmask16 last) {
+  __m512 x[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) x[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : 0xffff, xj + 16 * v);
+#pragma GCC unroll 8
+  for (int r = 0; r < kBwdRows; ++r) {
+    const __m512 sv = _mm512_set1_ps(s[r]);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(sv, x[v], acc[r][v]);
+  }
+}
+
+// Rows i0..i0+kBwdRows-1 of S X over columns [k, k + 16 * NV), the last
+// vector masked by `last`.  S is read straight from the triangle `tri`
+// (S[i][j] = tri[i(i-1)/2 + j] for i > j, S[j][i] above the diagonal, 0 on
+// it): columns left of the block read each row's own triangle row, columns
+// right of it read four neighbours of a later row, and only the diagonal
+// block is assembled entry by entry.  Rows past n read `zeros` (n floats).
 template <int NV, typename Store>
-inline void sx_block(const float* s, int64_t n, const float* const* rows, int64_t i0, int64_t k, __mmask16 last,
-                     const Store& store) {
+inline void sx_block(const float* tri, const float* zeros, int64_t n, const float* const* rows, int64_t i0,
+                     int64_t k, __mmask16 last, const Store& store) {
   constexpr int R = kBwdRows;
   __m512 acc[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; ++j) {
-    __m512 x[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) x[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : 0xffff, rows[j] + k + 16 * v);
-#pragma GCC unroll 8
+  const float* own[R];  // own[r][j] = S[i0 + r][j] for j < i0 + r
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) own[r] = i0 + r < n ? tri + tri_offset(i0 + r) : zeros;
+  float sv[R];
+  for (int64_t j = 0; j < i0; ++j) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) sv[r] = own[r][j];
+    sx_step<NV>(acc, rows[j] + k, sv, last);
+  }
+  const int64_t diag_end = min64(i0 + R, n);
+  for (int64_t j = i0; j < diag_end; ++j) {
+#pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      const __m512 sv = _mm512_set1_ps(s[(i0 + r) * n + j]);
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(sv, x[v], acc[r][v]);
+      const int64_t i = i0 + r;
+      sv[r] = i >= n || i == j ? 0.f : (i > j ? own[r][j] : tri[tri_offset(j) + i]);
     }
+    sx_step<NV>(acc, rows[j] + k, sv, last);
+  }
+  for (int64_t j = diag_end; j < n; ++j) {  // i0 + r < j here
+    const float* later = tri + tri_offset(j) + i0;
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) sv[r] = later[r];
+    sx_step<NV>(acc, rows[j] + k, sv, last);
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) store(i0 + r, k, acc[r], last);
 }
 
 template <typename Store>
-void sx_all(const float* s, int64_t n, int64_t d, const float* const* rows, const Store& store) {
+void sx_all(const float* tri, const float* zeros, int64_t n, int64_t d, const float* const* rows, const Store& store) {
   constexpr int64_t kChunk = 16 * kBwdVecs;
   for (int64_t i0 = 0; i0 < n; i0 += kBwdRows) {
     int64_t k = 0;
-    for (; k + kChunk <= d; k += kChunk) sx_block<kBwdVecs>(s, n, rows, i0, k, 0xffff, store);
+    for (; k + kChunk <= d; k += kChunk) sx_block<kBwdVecs>(tri, zeros, n, rows, i0, k, 0xffff, store);
     const int64_t rem = d - k;
     if (rem <= 0) continue;
     const int64_t nv = (rem + 15) / 16;
     const __mmask16 last = tail_mask16(rem - 16 * (nv - 1));
     switch (nv) {
-      case 1: sx_block<1>(s, n, rows, i0, k, last, store); break;
-      case 2: sx_block<2>(s, n, rows, i0, k, last, store); break;
-      case 3: sx_block<3>(s, n, rows, i0, k, last, store); break;
-      default: sx_block<4>(s, n, rows, i0, k, last, store); break;
+      case 1: sx_block<1>(tri, zeros, n, rows, i0, k, last, store); break;
+      case 2: sx_block<2>(tri, zeros, n, rows, i0, k, last, store); break;
+      case 3: sx_block<3>(tri, zeros, n, rows, i0, k, last, store); break;
+      default: sx_block<4>(tri, zeros, n, rows, i0, k, last, store); break;
     }
   }
 }
 
 template <typename T>
 void backward_avx512(const InteractionBwdArgs& a, int64_t begin, int64_t end, void* scratch) {
-  const int64_t n = a.num_inputs, d = a.dim;
-  const int64_t n_pad = (n + kBwdRows - 1) / kBwdRows * kBwdRows;
+  const int64_t n = a.num_inputs, d = a.dim, p = n * (n - 1) / 2;
   Arena arena(scratch);
   const float** rows = arena.take<const float*>(n);
   float* packed = arena.take<float>(n * d);
-  float* s = arena.take<float>(n_pad * n);
+  float* tri32 = arena.take<float>(p);  // the triangle of grad_out, widened (bf16 only)
+  float* zeros = arena.take<float>(n);
   float* g0 = arena.take<float>(d);
   for (int64_t i = 0; i < n; ++i) rows[i] = packed + i * d;
-  for (int64_t i = n * n; i < n_pad * n; ++i) s[i] = 0.f;
+  for (int64_t i = 0; i < n; ++i) zeros[i] = 0.f;
   for (int64_t b = begin; b < end; ++b) {
     const T* g = static_cast<const T*>(a.grad_out) + b * a.grad_row_stride;
-    build_s(g + d, n, s);
+    const float* tri;
+    if constexpr (std::is_same<T, float>::value) {
+      tri = g + d;
+    } else {
+      const void* tri_ptr = g + d;
+      pack_rows_f32<T>(&tri_ptr, &p, 1, p, 0, tri32);
+      tri = tri32;
+    }
     pack_rows_f32<T>(a.inputs, a.row_strides, n, d, b, packed);
     const void* g_first_ptr = g;
     pack_rows_f32<T>(&g_first_ptr, &d, 1, d, 0, g0);
@@ -358,7 +395,7 @@ void backward_avx512(const InteractionBwdArgs& a, int64_t begin, int64_t end, vo
       }
       store_vectors<NV>(static_cast<T*>(a.grad_inputs[i]) + b * d + k, v, last, a.stream_grads);
     };
-    sx_all(s, n, d, rows, store);
+    sx_all(tri, zeros, n, d, rows, store);
   }
   if (a.stream_grads) _mm_sfence();  // non-temporal stores are weakly ordered: publish them before the task ends
 }

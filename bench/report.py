@@ -58,11 +58,12 @@ def run_script(name: str, args: List[str], timeout: int) -> Dict:
     doc["script"], doc["seconds"] = name, round(time.time() - t0, 1)
     if name == "launcher":
         return _launcher_doc(doc)
-    if "reference" not in doc:  # bench/runtime.py: rows per stream count, ratio vs one stream
-        doc["title"], doc["reference"] = "multi-stream inference", "1 stream"
+    if "reference" not in doc:  # bench/runtime.py: rows per graph kind and stream count
+        doc["title"], doc["reference"] = "multi-stream inference", "eager 1 stream"
         doc["rows"] = [{"workload": f"{r['model']} batch {r['batch']}",
-                        "system": "1 stream" if r["streams"] == 1 else f"{r['streams']} streams",
-                        "median_ms": r["p50 ms"], "ratio": r["ratio"], "p99_ms": r["p99 ms"]} for r in doc["rows"]]
+                        "system": f"{r.get('graph', 'eager')} {r['streams']} stream" + ("s" if r["streams"] > 1 else ""),
+                        "median_ms": r["p50 ms"], "p99_ms": r["p99 ms"],
+                        "ratio": r["vs eager"] if r.get("vs eager") else r["ratio"]} for r in doc["rows"]]
     return doc
 
 
@@ -119,7 +120,8 @@ def headline(results: List[Dict]) -> List[Dict]:
         for r in doc.get("rows", []):
             by_workload.setdefault(r["workload"], []).append(r)
         for workload, rs in by_workload.items():
-            lite = [r for r in rs if "ipex_lite" in r["system"] or "streams" in r["system"]]
+            lite = [r for r in rs if ("ipex_lite" in r["system"] or "stream" in r["system"])
+                    and r["system"] != doc["reference"]]
             other = [r for r in rs if r not in lite and r["system"] != doc["reference"]]
             if not lite:
                 continue

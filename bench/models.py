@@ -178,11 +178,15 @@ def bench_model(name, args, report):
     def autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return model(x)
+    fp32_auto = ipex_lite.optimize(model, sample_input=x, auto_kernel_selection=True)  # per-Linear GEMM kernel
     with torch.no_grad():  # IPEX's inference recipe: trace + freeze; the graph calls the packed ops
         fp32_jit = torch.jit.freeze(torch.jit.trace(fp32, x))
+        fp32_auto_jit = torch.jit.freeze(torch.jit.trace(fp32_auto, x))
         fp32_jit(x)
+        fp32_auto_jit(x)
     systems = {"stock fp32": lambda: model(x), "stock bf16 autocast": autocast,
                "ipex_lite fp32": lambda: fp32(x), "ipex_lite fp32 jit": lambda: fp32_jit(x),
+               "ipex_lite fp32 auto_kernel_selection jit": lambda: fp32_auto_jit(x),
                "ipex_lite bf16": lambda: bf16(x), "ipex_lite bf16 auto_kernel_selection": lambda: bf16_auto(x)}
     if args.compile:
         compiled = _compiled(model, x)

@@ -325,3 +325,10 @@ def _packed_linear_fake(x, w, b, attr, scalars, algorithm):
 @torch.library.register_fake("ipex_lite::packed_linear_add")
 def _packed_linear_add_fake(x, other, w, b):
     return _packed_linear_out("packed_linear_add", x, w)
+
+
+@torch.library.register_fake("ipex_lite::packed_linear_mkl")
+def _packed_linear_mkl_fake(x, w, b):
+    torch._check(w.dtype == torch.float32,
+                 lambda: f"packed_linear_mkl: MKL's packed GEMM is float32 only, got {w.dtype}")
+    return _packed_linear_out("packed_linear_mkl", x, w)

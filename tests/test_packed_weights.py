@@ -82,6 +82,21 @@ def test_linear_matches_torch(shape):
                                atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="torch built without MKL")
+def test_linear_mkl_matches_torch():
+    g = torch.Generator().manual_seed(2)
+    x, w, b = torch.randn(2, 7, 64, generator=g), torch.randn(48, 64, generator=g), torch.randn(48, generator=g)
+    torch.testing.assert_close(ops.packed_linear_mkl(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.packed_linear_mkl(x[0], w, None), F.linear(x[0], w), rtol=1e-5, atol=1e-5)
+    ops.packed_linear(x, w, b, "none", [], None)  # a oneDNN pack of the same weight and rows: its own entry
+    torch.testing.assert_close(ops.packed_linear_mkl(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(ops.packed_linear_mkl, (x, w, b))
+    with pytest.raises(RuntimeError, match="float32 only"):
+        ops.packed_linear_mkl(x.bfloat16(), w.bfloat16(), None)
+    with pytest.raises(RuntimeError, match="last dimension is 63, the weight expects 64"):
+        ops.packed_linear_mkl(torch.randn(3, 63), w, None)
+
+
 def test_opcheck():
     x, w, b = conv_case()
     other = torch.randn(3, 6, 9, 7).contiguous(memory_format=CL)
@@ -113,6 +128,12 @@ def test_the_cache_follows_the_weight():
         torch.testing.assert_close(ops.packed_conv(x, w, b, *args), F.conv2d(x, w, b, 1, 1), rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(threads)
+    flat = torch.randn(8 * 16)
+    for rows in (8, 4):  # two views of one storage at the same offset: two packs
+        wv = flat[:rows * 16].view(rows, 16)
+        xv = torch.randn(3, 16)
+        torch.testing.assert_close(ops.packed_linear(xv, wv, None, "none", [], None), F.linear(xv, wv), rtol=1e-5,
+                                   atol=1e-5)
     xl, wl = torch.randn(3, 16), torch.randn(8, 16)
     ops.packed_linear(xl, wl, None, "none", [], None)
     wl.add_(1)

@@ -1,6 +1,6 @@
-// ipex_lite::packed_conv / packed_linear (+ _add variants): torch's oneDNN
-// convolution / linear ops on a plain weight, packed into oneDNN's blocked
-// layout on first use and kept in a process-wide cache.
+// ipex_lite::packed_conv / packed_linear (+ _add variants, + packed_linear_mkl):
+// torch's oneDNN convolution / linear ops (or MKL's packed sgemm) on a plain
+// weight, packed on first use and kept in a process-wide cache.
 //
 // They exist for graphs: torch.jit.trace cannot hold oneDNN's opaque packed
 // tensors as constants, so a traced (and frozen) optimized model holds the
@@ -32,11 +32,12 @@ struct PackKey {
   const c10::StorageImpl* storage;
   int64_t offset;
   int64_t version;
+  std::vector<int64_t> geometry;  // the weight's dtype, sizes and strides: views of one storage differ
   int threads;
   std::vector<int64_t> shape;  // input shape (conv) or {rows} (linear)
   bool operator==(const PackKey& o) const {
     return storage == o.storage && offset == o.offset && version == o.version && threads == o.threads &&
-           shape == o.shape;
+           geometry == o.geometry && shape == o.shape;
   }
 };
 
@@ -55,8 +56,11 @@ class PackCache {
   template <typename Build>
   at::Tensor get(const at::Tensor& weight, std::vector<int64_t> shape, const Build& build) {
     const auto& storage = weight.storage();
-    PackKey key{storage.unsafeGetStorageImpl(), weight.storage_offset(), weight._version(), at::get_num_threads(),
-                std::move(shape)};
+    std::vector<int64_t> geometry{static_cast<int64_t>(weight.scalar_type())};
+    geometry.insert(geometry.end(), weight.sizes().begin(), weight.sizes().end());
+    geometry.insert(geometry.end(), weight.strides().begin(), weight.strides().end());
+    PackKey key{storage.unsafeGetStorageImpl(), weight.storage_offset(), weight._version(), std::move(geometry),
+                at::get_num_threads(), std::move(shape)};
     {
       std::lock_guard<std::mutex> lock(mu_);
       for (auto it = entries_.begin(); it != entries_.end();) {
@@ -180,6 +184,26 @@ void packed_linear(torch::jit::Stack* stack, bool add) {
   torch::jit::push(*stack, call("mkldnn::_linear_pointwise", add ? "binary" : "", std::move(args)));
 }
 
+// packed_linear_mkl: X, W, B (fp32): MKL's packed sgemm, which some shapes run faster
+// than oneDNN (optimize's auto_kernel_selection picks it per layer).
+void packed_linear_mkl(const c10::OperatorHandle&, torch::jit::Stack* stack) {
+  auto args = torch::jit::pop(*stack, 3);
+  const at::Tensor x = args[0].toTensor();
+  const at::Tensor w = args[1].toTensor();
+  check_weight("packed_linear_mkl", x, w, 2);
+  TORCH_CHECK(w.scalar_type() == at::kFloat, "packed_linear_mkl: MKL's packed GEMM is float32 only, got ",
+              w.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.size(1), "packed_linear_mkl: input's last dimension is ",
+              x.dim() ? x.size(-1) : 0, ", the weight expects ", w.size(1));
+  const int64_t rows = std::max<int64_t>(1, x.size(-1) ? x.numel() / x.size(-1) : 0);
+  const at::Tensor plain = w.contiguous();
+  // {rows, -1}: never the key of a oneDNN pack of the same weight ({rows})
+  const at::Tensor packed = cache().get(w, {rows, -1}, [&] {
+    return call("mkl::_mkl_reorder_linear_weight", "", {plain, rows}).toTensor();
+  });
+  torch::jit::push(*stack, call("mkl::_mkl_linear", "", {x.contiguous(), packed, plain, args[2], rows}));
+}
+
 void packed_linear_boxed(const c10::OperatorHandle&, torch::jit::Stack* s) { packed_linear(s, false); }
 void packed_linear_add_boxed(const c10::OperatorHandle&, torch::jit::Stack* s) { packed_linear(s, true); }
 
@@ -195,6 +219,7 @@ TORCH_LIBRARY_FRAGMENT(ipex_lite, m) {
         "int[] dilation, int groups, str? unary_attr, float[] unary_scalars, str? unary_algorithm) -> ()");
   m.def("packed_linear(Tensor X, Tensor W, Tensor? B, str attr, float[] scalars, str? algorithm) -> Tensor");
   m.def("packed_linear_add(Tensor X, Tensor other, Tensor W, Tensor? B) -> Tensor");
+  m.def("packed_linear_mkl(Tensor X, Tensor W, Tensor? B) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ipex_lite, CPU, m) {
@@ -203,10 +228,12 @@ TORCH_LIBRARY_IMPL(ipex_lite, CPU, m) {
   m.impl("packed_conv_add_", torch::CppFunction::makeFromBoxedFunction<&ipex_lite::packed_conv_add__boxed>());
   m.impl("packed_linear", torch::CppFunction::makeFromBoxedFunction<&ipex_lite::packed_linear_boxed>());
   m.impl("packed_linear_add", torch::CppFunction::makeFromBoxedFunction<&ipex_lite::packed_linear_add_boxed>());
+  m.impl("packed_linear_mkl", torch::CppFunction::makeFromBoxedFunction<&ipex_lite::packed_linear_mkl>());
 }
 
 // Inference ops: calling them on tensors that need gradients is an error, not a silent detach.
 TORCH_LIBRARY_IMPL(ipex_lite, Autograd, m) {
-  for (const char* name : {"packed_conv", "packed_conv_add", "packed_conv_add_", "packed_linear", "packed_linear_add"})
+  for (const char* name :
+       {"packed_conv", "packed_conv_add", "packed_conv_add_", "packed_linear", "packed_linear_add", "packed_linear_mkl"})
     m.impl(name, torch::autograd::autogradNotImplementedFallback());
 }

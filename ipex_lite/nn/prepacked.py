@@ -382,9 +382,10 @@ class PackedLinear(_Packed):
     _traces_packed = True
     # fp32 GEMM kernel, chosen per layer by optimize(auto_kernel_selection=True): "onednn" (packed, post-ops
     # fused), "mkl" (MKL's packed sgemm, post-ops after it) or "aten" (F.linear on the folded weight).
-    # Traces always record the oneDNN op, which packs for the machine that runs the graph.
+    # Traces record ipex_lite::packed_linear / packed_linear_mkl or aten::linear on the plain weight,
+    # packed by the machine that runs the graph.
     kernel = "onednn"
-    KERNELS = ("onednn", "mkl", "aten")
+    KERNELS = ("onednn", "mkl", "aten") if torch.backends.mkl.is_available() else ("onednn", "aten")
 
     def __init__(self, linear: Optional[nn.Linear], bn=None, unary=None, binary=False, dtype=torch.float32,
                  prepack=True, unary_spec=None, concat: Sequence[nn.Linear] = ()):
@@ -424,7 +425,7 @@ class PackedLinear(_Packed):
         self.packs.clear()
 
     def _fp32_kernel(self) -> str:
-        return self.kernel if self.dtype == torch.float32 and not torch.jit.is_tracing() else "onednn"
+        return self.kernel if self.dtype == torch.float32 else "onednn"
 
     def _reorder(self, w, x):
         rows = max(1, x.numel() // max(1, x.shape[-1]))
@@ -456,10 +457,12 @@ class PackedLinear(_Packed):
         w, b = self._packed(x)
         kernel = self._fp32_kernel()
         if kernel != "onednn":
-            if kernel == "mkl":
-                y = torch.ops.mkl._mkl_linear(x, w[0], w[1], b, max(1, x.numel() // max(1, x.shape[-1])))
-            else:
+            if kernel == "aten":
                 y = F.linear(x, w, b)
+            elif torch.jit.is_tracing():
+                y = lite_ops.packed_linear_mkl(x, w, b)
+            else:
+                y = torch.ops.mkl._mkl_linear(x, w[0], w[1], b, max(1, x.numel() // max(1, x.shape[-1])))
             return self._split(self._post(y, other))
         linear, linear_add = ((lite_ops.packed_linear, lite_ops.packed_linear_add) if torch.jit.is_tracing() else
                               (mkldnn._linear_pointwise, mkldnn._linear_pointwise.binary))

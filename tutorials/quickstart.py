@@ -10,7 +10,13 @@ The one line a user adds is
     model = ipex_lite.optimize(model.eval(), dtype=torch.bfloat16)  # bf16
 
 which folds BatchNorm into the convolutions, fuses ReLU/GELU and residual
-adds into them, and prepacks the weights for oneDNN.  The int8 row is
+adds into them, and prepacks the weights for oneDNN.  IPEX's graph recipe
+works on top of it:
+
+    model = torch.jit.freeze(torch.jit.trace(model, x))           # under torch.no_grad()
+
+and the frozen graph runs the same packed kernels without Python (the
+"jit" row).  The int8 row is
 ``ipex_lite.quantization.prepare`` -> a few calibration batches -> ``convert``
 (see tutorials/int8.py; calibrated here on noisy copies of the input, so its
 error is only indicative).  The script times stock
@@ -67,8 +73,11 @@ def main(argv=None) -> int:
         fp32 = ipex_lite.optimize(model, sample_input=x)
         bf16 = ipex_lite.optimize(model, dtype=torch.bfloat16, sample_input=x)
         int8 = int8_model(model, x)
+        with torch.no_grad():
+            fp32_jit = torch.jit.freeze(torch.jit.trace(fp32, x))
         systems = {"stock fp32": lambda: model(x), "ipex_lite fp32": lambda: fp32(x),
-                   "ipex_lite bf16": lambda: bf16(x), "ipex_lite int8": lambda: int8(x)}
+                   "ipex_lite fp32 jit": lambda: fp32_jit(x), "ipex_lite bf16": lambda: bf16(x),
+                   "ipex_lite int8": lambda: int8(x)}
         extra = {}
         with torch.no_grad():
             want = model(x)

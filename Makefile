@@ -81,7 +81,8 @@ bench: build
 # build is untouched), then the op test files under it.  Python itself is not instrumented: the
 # runtime is preloaded, and leak detection is off (CPython and torch keep allocations to exit).
 SANITIZE_TESTS ?= tests/test_interaction.py tests/test_embedding_bag.py tests/test_optimizer.py \
-                  tests/test_quantization.py tests/test_vision.py tests/test_fuzz.py tests/test_aten_overrides.py
+                  tests/test_quantization.py tests/test_vision.py tests/test_fuzz.py tests/test_aten_overrides.py \
+                  tests/test_packed_weights.py
 sanitize: venv
 	rm -rf .sanitize && mkdir -p .sanitize
 	git ls-files -z | xargs -0 cp --parents -t .sanitize

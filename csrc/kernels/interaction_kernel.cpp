@@ -193,19 +193,55 @@ inline void gram_block(const typename Dot::T* const* rows, int64_t n, int64_t d,
   }
 }
 
+// The diagonal block of rows ib..ib+R-1: its columns ib-1..ib+2 overlap the
+// rows, so the block touches only R + 1 distinct rows and needs 1 + ... + R
+// of its dots (10 of 16 for R = 4): R + 1 loads and that many FMAs per step
+// instead of 8 and 16.  Same output layout as gram_block's.
+template <int R>
+inline void gram_diag(const float* const* rows, int64_t d, int64_t ib, float* tri) {
+  const float* z[R + 1];
+#pragma GCC unroll 5
+  for (int t = 0; t <= R; ++t) z[t] = rows[ib - 1 + t];
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int l = 0; l < 16; ++l) acc[l] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < d; k += 16) {
+    const __mmask16 m = tail_mask16(d - k);
+    __m512 v[R + 1];
+#pragma GCC unroll 5
+    for (int t = 0; t <= R; ++t) v[t] = _mm512_maskz_loadu_ps(m, z[t] + k);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int q = 0; q <= r; ++q) acc[4 * r + q] = _mm512_fmadd_ps(v[r + 1], v[q], acc[4 * r + q]);
+  }
+  alignas(64) float sums[16];  // sums[4r + q] = dot(ib + r, ib - 1 + q) for q <= r
+  _mm512_store_ps(sums, reduce16(acc));
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+    _mm_mask_storeu_ps(tri + tri_offset(ib + r) + ib - 1, static_cast<__mmask8>((2u << r) - 1u),
+                       _mm_load_ps(sums + 4 * r));
+}
+
 // Strict lower triangle of rows * rows^T into tri (row-major, i > j).
 template <typename Dot>
 void gram_lower(const typename Dot::T* const* rows, int64_t n, int64_t d, float* tri) {
   for (int64_t ib = 1; ib < n; ib += 4) {
     const int64_t rows_left = n - ib;
-    const int64_t imax = min64(ib + 3, n - 1);
-    for (int64_t jb = 0; jb < imax; jb += 4) {
+    // full blocks left of the diagonal one, which starts at column ib - 1
+    for (int64_t jb = 0; jb < ib - 1; jb += 4) {
       switch (rows_left >= 4 ? 4 : rows_left) {
         case 1: gram_block<Dot, 1>(rows, n, d, ib, jb, tri); break;
         case 2: gram_block<Dot, 2>(rows, n, d, ib, jb, tri); break;
         case 3: gram_block<Dot, 3>(rows, n, d, ib, jb, tri); break;
         default: gram_block<Dot, 4>(rows, n, d, ib, jb, tri); break;
       }
+    }
+    switch (rows_left >= 4 ? 4 : rows_left) {
+      case 1: gram_diag<1>(rows, d, ib, tri); break;
+      case 2: gram_diag<2>(rows, d, ib, tri); break;
+      case 3: gram_diag<3>(rows, d, ib, tri); break;
+      default: gram_diag<4>(rows, d, ib, tri); break;
     }
   }
 }

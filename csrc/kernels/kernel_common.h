@@ -84,6 +84,15 @@ inline void prefetch_l2(const void* p) {
 #endif
 }
 
+// Software prefetch into L1 (see prefetch_l2 for why it is an asm statement).
+inline void prefetch_t0(const void* p) {
+#if defined(__x86_64__)
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+
 // Every 64-byte line of [p, p + bytes).
 inline void prefetch_lines_l2(const void* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) prefetch_l2(static_cast<const char*>(p) + off);

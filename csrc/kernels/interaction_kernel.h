@@ -45,7 +45,8 @@ static inline int64_t interaction_fwd_scratch_bytes(int64_t n, int64_t d) {
 }
 
 static inline int64_t interaction_bwd_scratch_bytes(int64_t n, int64_t d) {
-  // row pointers, widened rows, symmetric S padded to 4 rows, one accumulator row
+  // row pointers, widened rows, the widened triangle of grad_out and a zero row (n + 4 rows of n
+  // bound them), the first gradient row
   return 8 * n + 8 * n * d + 8 * (n + 4) * n + 8 * d + 5 * 64;
 }
 

@@ -49,6 +49,7 @@ def main(argv=None):
     streams = [int(s) for s in args.streams.split(",")] if args.streams else \
         [s for s in (1, 2, 4, 8, 16, 32) if s <= ncores]
     repeat = 6 if args.quick else args.repeat
+    kinds = args.graph.split(",")
     rows = []
     for name in args.model.split(","):
         torch.manual_seed(0)
@@ -56,12 +57,12 @@ def main(argv=None):
         for batch in (int(b) for b in args.batches.split(",")):
             x = torch.randn(batch, 3, 224, 224) if name == "resnet50" else torch.randn(batch, 128, 768)
             opt = ipex_lite.optimize(model, sample_input=x[:1])
-            graphs = {"eager": opt}
-            if "jit" in args.graph.split(","):
+            graphs = {}
+            if "eager" in kinds:
+                graphs["eager"] = opt
+            if "jit" in kinds:
                 with torch.no_grad():
                     graphs["jit"] = torch.jit.freeze(torch.jit.trace(opt, x[:1]))
-            if "eager" not in args.graph.split(","):
-                del graphs["eager"]
             systems = {(g, n): MultiStreamModule(m, num_streams=n, cpu_pool=pool)
                        for g, m in graphs.items() for n in streams if n <= max(1, ncores)}
             samples = {k: [] for k in systems}

@@ -183,6 +183,23 @@ def _record_row_updates(monkeypatch):
     return returned
 
 
+def _fused_equals_separate(make, steps):
+    """Trains ``make(fuse)`` -> (model, optimizer, weights(model, optimizer) -> dict) with the update
+    separate and inside backward; asserts equal losses and bit-equal weights; returns the fused pair."""
+    runs = []
+    for fuse in (False, True):
+        model, opt, weights = make(fuse)
+        runs.append((train(model, opt, steps), weights(model, opt), model, opt))
+    (loss_a, w_a, _, _), (loss_b, w_b, model, opt) = runs
+    assert loss_a == loss_b
+    assert w_a.keys() == w_b.keys() and all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+    return model, opt
+
+
+def _state_dict(model, opt):
+    return model.state_dict()
+
+
 @pytest.mark.skipif(HAS_AMX, reason="with AMX optimize keeps bf16 GEMMs (nn.Linear)")
 @pytest.mark.parametrize("opt_cls,kw", [(torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
                                          (torch.optim.Adam, dict(lr=1e-2)),
@@ -190,16 +207,13 @@ def _record_row_updates(monkeypatch):
                                          (torch.optim.Adagrad, dict(lr=0.1, lr_decay=0.01))])
 def test_update_in_backward_by_row_blocks_equals_separate_step(monkeypatch, opt_cls, kw):
     returned = _record_row_updates(monkeypatch)
-    runs = []
-    for fuse in (False, True):
+
+    def make(fuse):
         base = _mlp()
-        m, o = ipex_lite.optimize(base, dtype=torch.bfloat16, optimizer=opt_cls(base.parameters(), **kw),
-                                  fuse_update_step=fuse)
-        runs.append((train(m, o, 4), m.state_dict(), m))
-    assert runs[0][0] == runs[1][0]
-    for k, v in runs[0][1].items():
-        assert torch.equal(v, runs[1][1][k]), k
-    assert all(p.grad is None for p in runs[1][2].parameters())
+        return (*ipex_lite.optimize(base, dtype=torch.bfloat16, optimizer=opt_cls(base.parameters(), **kw),
+                                    fuse_update_step=fuse), _state_dict)
+    fused, _ = _fused_equals_separate(make, 4)
+    assert all(p.grad is None for p in fused.parameters())
     assert len(returned) == 3 * 4 and all(r is not None for r in returned)  # every weight, every step
 
 
@@ -220,15 +234,12 @@ class _SharedWeights(nn.Module):
 @pytest.mark.skipif(HAS_AMX, reason="with AMX optimize keeps bf16 GEMMs (nn.Linear)")
 def test_a_weight_used_more_than_once_takes_its_whole_gradient(monkeypatch):
     returned = _record_row_updates(monkeypatch)
-    runs = []
-    for fuse in (False, True):
+
+    def make(fuse):
         base = _SharedWeights()
-        m, o = ipex_lite.optimize(base, dtype=torch.bfloat16, fuse_update_step=fuse,
-                                  optimizer=torch.optim.Adam(base.parameters(), lr=1e-2))
-        runs.append((train(m, o, 3), m.state_dict()))
-    assert runs[0][0] == runs[1][0]
-    for k, v in runs[0][1].items():
-        assert torch.equal(v, runs[1][1][k]), k
+        return (*ipex_lite.optimize(base, dtype=torch.bfloat16, fuse_update_step=fuse,
+                                    optimizer=torch.optim.Adam(base.parameters(), lr=1e-2)), _state_dict)
+    _fused_equals_separate(make, 3)
     # per step, backward order head, b, a, a, inp: only the shared weight's three uses decline
     assert [r is None for r in returned] == [False, True, True, True, False] * 3
 
@@ -236,15 +247,14 @@ def test_a_weight_used_more_than_once_takes_its_whole_gradient(monkeypatch):
 @pytest.mark.skipif(HAS_AMX, reason="with AMX optimize keeps bf16 GEMMs (nn.Linear)")
 def test_lamb_takes_whole_gradients_in_backward(monkeypatch):
     returned = _record_row_updates(monkeypatch)
-    runs = []
-    for fuse in (False, True):
+
+    def make(fuse):
         m = _mlp()
         o = ipex_lite.optim.Lamb(m.parameters(), lr=1e-2)
         ipex_lite.optim.split_master_weights_(o)
         ipex_lite.frontend._fp32_compute_linears(m, None)
         if fuse:
             ipex_lite.optim.update_in_backward_(o)
-        runs.append((train(m, o, 3), [ipex_lite.optim.master_weight(o, p) for p in m.parameters()]))
-    assert runs[0][0] == runs[1][0]
-    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+        return m, o, lambda m, o: {n: ipex_lite.optim.master_weight(o, p) for n, p in m.named_parameters()}
+    _fused_equals_separate(make, 3)
     assert returned and all(r is None for r in returned)  # Lamb's trust ratio needs the whole gradient

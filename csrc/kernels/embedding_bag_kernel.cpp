@@ -54,7 +54,7 @@ inline bool out_of_range(int64_t row, int64_t num_rows) {
 template <typename T>
 inline void prefetch_row(const T* w, int64_t w_stride, int64_t row, int64_t num_rows, int64_t k0, int64_t len) {
   if (out_of_range(row, num_rows)) return;
-  prefetch_lines_l2(w + row * w_stride + k0, len * static_cast<int64_t>(sizeof(T)));
+  prefetch_lines(w + row * w_stride + k0, len * static_cast<int64_t>(sizeof(T)));
 }
 
 #if defined(__AVX512F__)
@@ -249,9 +249,9 @@ void update_impl(const EmbBagUpdateArgs& a, int64_t begin, int64_t end) {
     if (in_place && seg + kRowPrefetch < end) {
       // distinct rows of a big table: the read-modify-write is latency-bound without this
       const int64_t ahead = gr.seg_row[seg + kRowPrefetch];
-      prefetch_lines_l2(static_cast<const T*>(a.weight) + ahead * a.w_stride, row_bytes);
-      if (a.trail != nullptr) prefetch_lines_l2(static_cast<const uint16_t*>(a.trail) + ahead * a.w_stride, a.dim * 2);
-      if (a.kind == kAdagrad) prefetch_lines_l2(a.state + ahead * a.state_stride, a.dim * 4);
+      prefetch_lines(static_cast<const T*>(a.weight) + ahead * a.w_stride, row_bytes);
+      if (a.trail != nullptr) prefetch_lines(static_cast<const uint16_t*>(a.trail) + ahead * a.w_stride, a.dim * 2);
+      if (a.kind == kAdagrad) prefetch_lines(a.state + ahead * a.state_stride, a.dim * 4);
     }
     for (int64_t k0 = 0; k0 < a.dim; k0 += kChunk) {
       const int64_t len = min64(kChunk, a.dim - k0);

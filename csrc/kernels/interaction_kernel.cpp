@@ -232,12 +232,12 @@ struct NextRows {
   const void* const* inputs;
   const int64_t* strides;
   int64_t sample;  // -1: none
-  int64_t row_bytes, elem_bytes, n;
+  int64_t dim, elem_bytes, n;
   int64_t next = 0;
   inline void one() {
     if (sample < 0 || next >= n) return;
     const char* p = static_cast<const char*>(inputs[next]) + sample * strides[next] * elem_bytes;
-    for (int64_t off = 0; off < row_bytes; off += 64) prefetch_t0(p + off);
+    prefetch_lines<Cache::kL1>(p, dim * elem_bytes);
     ++next;
   }
   inline void rest() {
@@ -306,7 +306,7 @@ void forward_f32_avx512(const InteractionFwdArgs& a, int64_t begin, int64_t end,
     pack_rows_f32<float>(a.inputs, a.row_strides, n, d, b, packed);
     float* out = static_cast<float*>(a.out) + b * cols;
     std::memcpy(out, packed, sizeof(float) * d);
-    NextRows pf{a.inputs, a.row_strides, b + 1 < end ? b + 1 : -1, d * 4, 4, n};
+    NextRows pf{a.inputs, a.row_strides, b + 1 < end ? b + 1 : -1, d, 4, n};
     gram_lower<F32Dot>(rows, n, d, out + d, pf);
   }
 }
@@ -325,7 +325,7 @@ void forward_bf16_avx512(const InteractionFwdArgs& a, int64_t begin, int64_t end
   for (int64_t i = 0; i < n; ++i) rows[i] = packed + i * d;
   for (int64_t b = begin; b < end; ++b) {
     pack_rows_f32<uint16_t>(a.inputs, a.row_strides, n, d, b, packed);
-    NextRows pf{a.inputs, a.row_strides, b + 1 < end ? b + 1 : -1, d * 2, 2, n};
+    NextRows pf{a.inputs, a.row_strides, b + 1 < end ? b + 1 : -1, d, 2, n};
     gram_lower<F32Dot>(rows, n, d, tri, pf);
     uint16_t* out = static_cast<uint16_t*>(a.out) + b * cols;
     std::memcpy(out, static_cast<const uint16_t*>(a.inputs[0]) + b * a.row_strides[0], sizeof(uint16_t) * d);

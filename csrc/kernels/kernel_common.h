@@ -71,31 +71,30 @@ inline uint16_t f32_to_bf16(float f) {
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Software prefetch into L2 that the optimiser cannot delete.  GCC 12 splits
-// a small prefetch helper (partial inlining), judges the outlined part free of
-// side effects because __builtin_prefetch is, and drops the call: that once
+// Software prefetch that the optimiser cannot delete.  GCC 12 splits a small
+// prefetch helper (partial inlining), judges the outlined part free of side
+// effects because __builtin_prefetch is, and drops the call: that once
 // silently removed every prefetch of the embedding forward.  A volatile asm
 // statement always stays.
-inline void prefetch_l2(const void* p) {
-#if defined(__x86_64__)
-  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
-#else
-  __builtin_prefetch(p, 0, 2);
-#endif
-}
+enum class Cache { kL1, kL2 };
 
-// Software prefetch into L1 (see prefetch_l2 for why it is an asm statement).
-inline void prefetch_t0(const void* p) {
+template <Cache C = Cache::kL2>
+inline void prefetch_line(const void* p) {
 #if defined(__x86_64__)
-  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+  if constexpr (C == Cache::kL1) {
+    asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+  } else {
+    asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
+  }
 #else
-  __builtin_prefetch(p, 0, 3);
+  __builtin_prefetch(p, 0, C == Cache::kL1 ? 3 : 2);
 #endif
 }
 
 // Every 64-byte line of [p, p + bytes).
-inline void prefetch_lines_l2(const void* p, int64_t bytes) {
-  for (int64_t off = 0; off < bytes; off += 64) prefetch_l2(static_cast<const char*>(p) + off);
+template <Cache C = Cache::kL2>
+inline void prefetch_lines(const void* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) prefetch_line<C>(static_cast<const char*>(p) + off);
 }
 
 // Carves 64-byte-aligned pieces out of a caller-provided scratch buffer.

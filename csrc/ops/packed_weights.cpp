@@ -91,11 +91,15 @@ PackCache& cache() {
   return c;
 }
 
-// Boxed calls into torch's mkldnn ops: the argument IValues pass through as they came.
-c10::IValue call(const char* name, const char* overload, torch::jit::Stack stack) {
-  const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
+// Boxed calls into torch's mkldnn / mkl ops: the argument IValues pass through as they came.
+// Call sites look each handle up once (function-local statics): these ops run per layer call.
+c10::OperatorHandle find(const char* name, const char* overload = "") {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
+}
+
+c10::IValue call(const c10::OperatorHandle& op, torch::jit::Stack stack) {
   op.callBoxed(&stack);
-  return std::move(stack[0]);
+  return stack.empty() ? c10::IValue() : std::move(stack[0]);
 }
 
 void check_weight(const char* op, const at::Tensor& x, const at::Tensor& w, int64_t dim) {
@@ -114,7 +118,8 @@ at::Tensor packed_conv_weight(const char* op, const at::Tensor& x, const at::Ten
   TORCH_CHECK(x.size(1) == w.size(1) * groups, op, ": input has ", x.size(1), " channels, the weight expects ",
               w.size(1) * groups);
   return cache().get(w, x.sizes().vec(), [&] {
-    return call("mkldnn::_reorder_convolution_weight", "",
+    static const auto reorder = find("mkldnn::_reorder_convolution_weight");
+    return call(reorder,
                 {w.contiguous(), padding, stride, dilation, groups, c10::IValue(x.sizes().vec())})
         .toTensor();
   });
@@ -149,11 +154,13 @@ void packed_conv(torch::jit::Stack* stack, ConvAdd add) {
     args.insert(args.begin() + w_at + 6, {c10::IValue("add"), c10::IValue()});
   }
   if (add == ConvAdd::kInPlace) {
-    call("mkldnn::_convolution_pointwise_", "binary", std::move(args));  // returns nothing: see the schema
+    static const auto conv_add_ = find("mkldnn::_convolution_pointwise_", "binary");
+    call(conv_add_, std::move(args));  // returns nothing: see the schema
     return;
   }
-  torch::jit::push(*stack, call("mkldnn::_convolution_pointwise", add == ConvAdd::kNone ? "" : "binary",
-                                std::move(args)));
+  static const auto conv = find("mkldnn::_convolution_pointwise");
+  static const auto conv_add = find("mkldnn::_convolution_pointwise", "binary");
+  torch::jit::push(*stack, call(add == ConvAdd::kNone ? conv : conv_add, std::move(args)));
 }
 
 void packed_conv_boxed(const c10::OperatorHandle&, torch::jit::Stack* s) { packed_conv(s, ConvAdd::kNone); }
@@ -173,7 +180,8 @@ void packed_linear(torch::jit::Stack* stack, bool add) {
               x.dim() ? x.size(-1) : 0, ", the weight expects ", w.size(1));
   const int64_t rows = x.size(-1) ? x.numel() / x.size(-1) : 0;
   args[w_at] = cache().get(w, {rows}, [&] {
-    return call("mkldnn::_reorder_linear_weight", "", {w.contiguous(), std::max<int64_t>(1, rows)}).toTensor();
+    static const auto reorder = find("mkldnn::_reorder_linear_weight");
+    return call(reorder, {w.contiguous(), std::max<int64_t>(1, rows)}).toTensor();
   });
   if (!x.is_contiguous()) args[0] = x.contiguous();
   if (add) {
@@ -181,7 +189,9 @@ void packed_linear(torch::jit::Stack* stack, bool add) {
   } else {
     args[4] = scalars(args[4]);
   }
-  torch::jit::push(*stack, call("mkldnn::_linear_pointwise", add ? "binary" : "", std::move(args)));
+  static const auto linear = find("mkldnn::_linear_pointwise");
+  static const auto linear_add = find("mkldnn::_linear_pointwise", "binary");
+  torch::jit::push(*stack, call(add ? linear_add : linear, std::move(args)));
 }
 
 // packed_linear_mkl: X, W, B (fp32): MKL's packed sgemm, which some shapes run faster
@@ -199,9 +209,11 @@ void packed_linear_mkl(const c10::OperatorHandle&, torch::jit::Stack* stack) {
   const at::Tensor plain = w.contiguous();
   // {rows, -1}: never the key of a oneDNN pack of the same weight ({rows})
   const at::Tensor packed = cache().get(w, {rows, -1}, [&] {
-    return call("mkl::_mkl_reorder_linear_weight", "", {plain, rows}).toTensor();
+    static const auto reorder = find("mkl::_mkl_reorder_linear_weight");
+    return call(reorder, {plain, rows}).toTensor();
   });
-  torch::jit::push(*stack, call("mkl::_mkl_linear", "", {x.contiguous(), packed, plain, args[2], rows}));
+  static const auto linear = find("mkl::_mkl_linear");
+  torch::jit::push(*stack, call(linear, {x.contiguous(), packed, plain, args[2], rows}));
 }
 
 void packed_linear_boxed(const c10::OperatorHandle&, torch::jit::Stack* s) { packed_linear(s, false); }

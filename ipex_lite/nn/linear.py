@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..optim import update_in_backward_hook
+
 __all__ = ["Fp32ComputeLinear"]
 
 
@@ -114,7 +116,6 @@ class Fp32ComputeLinear(nn.Linear):
         this forward builds a graph; else None."""
         if not (torch.is_grad_enabled() and self.weight.requires_grad) or torch.compiler.is_compiling():
             return None
-        from ..optim import update_in_backward_hook
         hook = update_in_backward_hook(self.weight)
         if hook is not None:
             hook.note_use(self.weight)

@@ -40,7 +40,8 @@ def _interaction_backward_fake(grad_out, inputs):
                  lambda: f"interaction_backward: grad_out must have shape {want}, got {tuple(grad_out.shape)}")
     torch._check(grad_out.dtype == inputs[0].dtype,
                  lambda: f"interaction_backward: grad_out has dtype {grad_out.dtype} but the inputs have {inputs[0].dtype}")
-    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs]
+    # views of one (N, B, D) block, as the CPU kernel returns them
+    return list(inputs[0].new_empty((n, batch, dim)).unbind(0))
 
 
 def _interaction_setup_context(ctx, inputs, output):

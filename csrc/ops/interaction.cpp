@@ -103,12 +103,14 @@ std::vector<at::Tensor> interaction_backward_cpu(const at::Tensor& grad_out_in, 
               grad_out_in.scalar_type(), " but the inputs have ", inputs[0].scalar_type());
   const at::Tensor grad_out = cols > 1 && grad_out_in.stride(1) != 1 ? grad_out_in.contiguous() : grad_out_in;
 
-  std::vector<at::Tensor> grads;
+  // One allocation for all N gradients, handed out as contiguous (B, D)
+  // views that autograd accumulates without a copy. N separate ~1 MB blocks
+  // leave glibc's trim threshold at ~2 MB, so the heap top is returned to the
+  // OS after each step and the next step page-faults every gradient in again
+  // (measured: 4.2 ms steps becoming 13 ms).
+  const std::vector<at::Tensor> grads = at::empty({n, batch, d}, inputs[0].options()).unbind(0);
   std::vector<void*> grad_ptrs;
-  for (int64_t i = 0; i < n; ++i) {
-    grads.push_back(at::empty({batch, d}, inputs[0].options()));
-    grad_ptrs.push_back(grads.back().data_ptr());
-  }
+  for (const at::Tensor& g : grads) grad_ptrs.push_back(g.data_ptr());
   if (batch == 0 || d == 0) return grads;
 
   const RowPointers rp(inputs);

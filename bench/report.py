@@ -24,6 +24,7 @@ SCRIPTS = {
     "models": ([], None),
     "int8": ([], None),
     "interaction": ([], ["--quick", "--no-compile"]),
+    "attention": ([], ["--quick"]),
     "embedding_bag": ([], ["--quick", "--rows", "20000"]),
     "dlrm": ([], None),
     "optimizers": ([], ["--quick", "--params", "10000000", "--no-whole-step"]),

@@ -23,6 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .nn.functional import scaled_dot_product_attention as fused_sdpa
 from .nn.prepacked import UNARY, PackedConv, PackedConvTranspose, PackedLinear, _hardtanh, _leaky, _Packed
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -194,6 +195,8 @@ def _rewrite_graph(gm: fx.GraphModule, prefix: str, knobs: Knobs, report: Report
                 and not n.kwargs and isinstance(n.args[0], fx.Node):
             n.replace_all_uses_with(n.args[0])
             graph.erase_node(n)
+    if knobs.fuse_post_ops:
+        _use_fused_attention(graph, prefix, report)
     calls: Dict[str, int] = {}
     for n in graph.nodes:
         if n.op == "call_module":
@@ -253,6 +256,20 @@ def _rewrite_graph(gm: fx.GraphModule, prefix: str, knobs: Knobs, report: Report
     _mark_inplace_adds(gm)
     graph.lint()
     gm.recompile()
+
+
+def _use_fused_attention(graph: fx.Graph, prefix: str, report: Report) -> None:
+    """F.scaled_dot_product_attention calls go through ipex_lite's wrapper,
+    which runs the fused CPU kernel when it applies (inference, no dropout)
+    and torch's own kernel otherwise."""
+    count = 0
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
+            n.target = fused_sdpa
+            count += 1
+    if count:
+        report.add(prefix, "attention", f"{count} scaled_dot_product_attention call(s) -> ipex_lite kernel "
+                   "(torch's when training or with dropout)")
 
 
 def _mark_inplace_adds(gm: fx.GraphModule) -> None:

@@ -44,6 +44,23 @@ def _interaction_backward_fake(grad_out, inputs):
     return list(inputs[0].new_empty((n, batch, dim)).unbind(0))
 
 
+
+@torch.library.register_fake("ipex_lite::scaled_dot_product_attention")
+def _sdpa_fake(query, key, value, attn_mask=None, is_causal=False, scale=None):
+    op = "scaled_dot_product_attention"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        torch._check(t.device == query.device, lambda: f"{op}: {name} is on {t.device} but query is on {query.device}")
+        torch._check(t.dim() == 4, lambda: f"{op}: {name} must be 4-D (batch, heads, length, dim), got {tuple(t.shape)}")
+        torch._check(t.dtype in (torch.float32, torch.bfloat16) and t.dtype == query.dtype,
+                     lambda: f"{op}: query, key and value must share one dtype, float32 or bfloat16")
+    b, h, lq, e = query.shape
+    torch._check(key.shape[:2] == (b, h) and key.shape[3] == e and value.shape[:3] == key.shape[:3],
+                 lambda: f"{op}: key {tuple(key.shape)} / value {tuple(value.shape)} do not match query {tuple(query.shape)}")
+    torch._check(not (attn_mask is not None and is_causal), lambda: f"{op}: pass attn_mask or is_causal, not both")
+    # (B, Lq, H, Ev) storage, as the CPU kernel writes it
+    return query.new_empty((b, lq, h, value.shape[3])).permute(0, 2, 1, 3)
+
+
 def _interaction_setup_context(ctx, inputs, output):
     (tensors,) = inputs
     ctx.save_for_backward(*tensors)

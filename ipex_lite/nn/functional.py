@@ -1,11 +1,13 @@
 """Functional ops (IPEX names: ipex.nn.functional.*)."""
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
+from .prepacked import _shape_test
 from .vision import roi_align
 
-__all__ = ["interaction", "roi_align"]
+__all__ = ["interaction", "roi_align", "scaled_dot_product_attention"]
 
 
 def interaction(*tensors: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
@@ -24,3 +26,40 @@ def interaction(*tensors: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"interaction: argument {i} is {type(t).__name__}, expected a torch.Tensor")
     return torch.ops.ipex_lite.interaction_forward(list(tensors))
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with ipex_lite's CPU kernel for inference.
+
+    The kernel serves 4-D fp32/bf16 CPU tensors with matching batch and head
+    dimensions, no dropout and no gradient; anything else (training, dropout,
+    grouped-query heads, broadcast batch dimensions, other dtypes or devices)
+    goes to torch's own implementation, so the call accepts what torch's does.
+    """
+    if _fused_attention_applies(query, key, value, attn_mask, dropout_p, enable_gqa):
+        return torch.ops.ipex_lite.scaled_dot_product_attention(query, key, value, attn_mask, is_causal, scale)
+    kwargs = {"enable_gqa": True} if enable_gqa else {}
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, scale=scale, **kwargs)
+
+
+def _fused_attention_applies(query, key, value, attn_mask, dropout_p, enable_gqa) -> bool:
+    tensors = (query, key, value) if attn_mask is None else (query, key, value, attn_mask)
+    if dropout_p != 0.0 or enable_gqa or not all(isinstance(t, torch.Tensor) for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if any(t.device.type != "cpu" or t.layout != torch.strided for t in tensors):
+        return False
+    if query.dtype not in (torch.float32, torch.bfloat16) or key.dtype != query.dtype or value.dtype != query.dtype:
+        return False
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return False
+    b, h, _, e = query.shape
+    if _shape_test(lambda: e == 0 or key.shape[:2] != (b, h) or value.shape[:3] != key.shape[:3]
+                   or key.shape[3] != e):
+        return False
+    return attn_mask is None or attn_mask.dtype in (torch.bool, torch.float32, torch.bfloat16)

@@ -43,6 +43,7 @@ class Knobs:
     concat_linear: bool = False
     fuse_post_ops: bool = True
     auto_kernel_selection: bool = False
+    conv_winograd: bool = False
 
 
 @dataclass
@@ -285,7 +286,8 @@ def _mark_inplace_adds(gm: fx.GraphModule) -> None:
         other = node.args[1]
         src = modules.get(other.target) if other.op == "call_module" else None
         fresh = isinstance(src, (PackedConv, PackedConvTranspose))
-        if fresh and all(order[u] < order[node] for u in other.users if u is not node):
+        # conv(x) + x: the convolution still reads x, so the sum cannot overwrite it
+        if fresh and node.args[0] is not other and all(order[u] < order[node] for u in other.users if u is not node):
             mod.inplace_add = True
 
 
@@ -440,6 +442,8 @@ def optimize_for_inference(model: nn.Module, knobs: Knobs, sample_input=None) ->
     if knobs.replace_dropout_with_identity:
         _replace_dropout(model, "", report)
     model = _rewrite(model, "", knobs, report)
+    if knobs.conv_winograd and knobs.weights_prepack:
+        _use_winograd(model, report)
     model.__dict__["_ipex_lite_report"] = report
     args = None if sample_input is None else sample_input if isinstance(sample_input, tuple) else (sample_input,)
     if knobs.dtype == torch.bfloat16:
@@ -457,6 +461,13 @@ def optimize_for_inference(model: nn.Module, knobs: Knobs, sample_input=None) ->
         with torch.no_grad():
             model(*args)  # packs every weight for the real input shapes
     return model
+
+
+def _use_winograd(model: nn.Module, report: Report) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, PackedConv) and m.winograd_eligible:
+            m.use_winograd(True)
+            report.add(name, "winograd", "3x3 stride-1 convolution through Winograd F(2x2, 3x3) when computing in fp32")
 
 
 def _time_call(fn, reps: int = 5) -> float:

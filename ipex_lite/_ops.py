@@ -61,6 +61,22 @@ def _sdpa_fake(query, key, value, attn_mask=None, is_causal=False, scale=None):
     return query.new_empty((b, lq, h, value.shape[3])).permute(0, 2, 1, 3)
 
 
+
+@torch.library.register_fake("ipex_lite::winograd_conv2d")
+def _winograd_conv2d_fake(input, weight, bias, padding, out_channels, attr):
+    op = "winograd_conv2d"
+    for name, t in (("weight", weight), ("bias", bias)):
+        torch._check(t is None or t.device == input.device,
+                     lambda: f"{op}: {name} is on {t.device} but input is on {input.device}")
+    torch._check(input.dim() == 4, lambda: f"{op}: input must be 4-D (N, C, H, W), got {tuple(input.shape)}")
+    n, c, h, w = input.shape
+    want = (16, (out_channels + 63) // 64, c, 64)
+    torch._check(tuple(weight.shape) == want, lambda: f"{op}: weight must have shape {want}, got {tuple(weight.shape)}")
+    out_h, out_w = h + 2 * padding[0] - 2, w + 2 * padding[1] - 2
+    torch._check(out_h > 0 and out_w > 0, lambda: f"{op}: input is smaller than the 3x3 kernel")
+    return input.new_empty((n, out_channels, out_h, out_w)).contiguous(memory_format=torch.channels_last)
+
+
 def _interaction_setup_context(ctx, inputs, output):
     (tensors,) = inputs
     ctx.save_for_backward(*tensors)

@@ -269,7 +269,7 @@ class _Hook:
 def _optimize_inference(model, dtype, level, inplace, sample_input, verbose, auto_kernel_selection, explicit):
     o1 = level == "O1"
     defaults = dict(conv_bn_folding=o1, linear_bn_folding=o1, weights_prepack=o1, replace_dropout_with_identity=o1,
-                    graph_mode=o1, concat_linear=False)
+                    graph_mode=o1, concat_linear=False, conv_winograd=o1)
     knobs = Knobs(dtype=dtype or torch.float32, fuse_post_ops=o1, auto_kernel_selection=bool(auto_kernel_selection),
                   **{k: bool(v) if v is not None else defaults[k] for k, v in explicit.items()})
     if not inplace:
@@ -287,7 +287,7 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, optimizer=No
              inplace: bool = False, conv_bn_folding=None, linear_bn_folding=None, weights_prepack=None,
              replace_dropout_with_identity=None, optimize_lstm=None, split_master_weight_for_bf16=None,
              fuse_update_step=None, auto_kernel_selection=None, sample_input=None, graph_mode=None,
-             concat_linear=None, verbose=False):
+             concat_linear=None, verbose=False, conv_winograd=None):
     """IPEX-compatible entry point; see the module docstring for what this build does."""
     if level not in _LEVELS:
         raise ValueError(f"optimize: level must be one of {_LEVELS}, got {level!r}")
@@ -301,7 +301,7 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, optimizer=No
         return _optimize_inference(model, dtype, level, inplace, sample_input, verbose, auto_kernel_selection, dict(
             conv_bn_folding=conv_bn_folding, linear_bn_folding=linear_bn_folding, weights_prepack=weights_prepack,
             replace_dropout_with_identity=replace_dropout_with_identity, graph_mode=graph_mode,
-            concat_linear=concat_linear))
+            concat_linear=concat_linear, conv_winograd=conv_winograd))
     if not model.training:
         raise ValueError("optimize: an optimizer was given, so the model must be in training mode (model.train())")
 

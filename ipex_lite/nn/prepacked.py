@@ -248,11 +248,35 @@ class _Packed(nn.Module):
             parts.append("residual_add=True")
         if getattr(self, "kernel", "onednn") != "onednn":
             parts.append(f"kernel={self.kernel}")
+        if getattr(self, "winograd", False):
+            parts.append("winograd=True")
         return ", ".join(parts)
 
 
+# F(2x2, 3x3) filter transform (a tensor made once: a trace records it as a constant without a warning)
+_WINOGRAD_G = torch.tensor(((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)), dtype=torch.float64)
+
+
+def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The (K, C, 3, 3) filters as ipex_lite::winograd_conv2d takes them:
+    U = G g G^T per filter (computed in float64), laid out (16, ceil(K / 64), C, 64)
+    with the output channels in zero-padded panels of 64."""
+    k, c = weight.shape[:2]
+    g = _WINOGRAD_G
+    u = torch.einsum("ai,kcij,bj->abck", g, weight.double(), g).reshape(16, c, k)
+    panels = (k + 63) // 64
+    u = F.pad(u, (0, panels * 64 - k)).view(16, c, panels, 64).permute(0, 2, 1, 3)
+    return u.float().contiguous()
+
+
 class PackedConv(_Packed):
-    """Conv1d/2d/3d (+ folded BatchNorm) (+ residual add) (+ activation), channels_last, prepacked."""
+    """Conv1d/2d/3d (+ folded BatchNorm) (+ residual add) (+ activation), channels_last, prepacked.
+
+    ``winograd=True`` (optimize's ``conv_winograd``) runs an eligible layer
+    (3x3, stride 1, dilation 1, one group, >= 16 channels in and out, no
+    residual add, ReLU or no activation) in fp32 through ipex_lite's
+    Winograd F(2x2, 3x3) kernel instead of oneDNN: 16 multiplies per 2x2
+    output tile and channel pair instead of 36."""
 
     def __init__(self, conv: nn.Module, bn=None, unary=None, binary=False, dtype=torch.float32, prepack=True,
                  unary_spec=None):
@@ -270,6 +294,34 @@ class PackedConv(_Packed):
         self._traces_packed = self.nd in (2, 3)  # 1-D convolutions have no packed layout
         if self.padding is None or self.padding_mode != "zeros":
             self.prepack = False  # asymmetric "same" padding or a non-zero padding mode: plain path
+        self.winograd = False
+
+    @property
+    def winograd_eligible(self) -> bool:
+        return (self.nd == 2 and self.kernel_size == (3, 3) and self.stride == (1, 1) and self.dilation == (1, 1)
+                and self.groups == 1 and self.padding is not None and self.padding_mode == "zeros"
+                and not self.binary and self._attr()[0] in ("none", "relu")
+                and self.in_channels >= 16 and self.out_channels >= 16)
+
+    def use_winograd(self, on: bool = True) -> None:
+        """Route fp32 calls through the Winograd kernel (eligible layers only)."""
+        if on and not self.winograd_eligible:
+            raise ValueError("PackedConv.use_winograd: needs a 3x3, stride-1, undilated, ungrouped Conv2d with "
+                             ">= 16 input and output channels, no residual add and ReLU or no activation")
+        self.winograd = bool(on)
+        self.packs.clear()
+
+    def _winograd(self, x):
+        if torch.jit.is_tracing():  # recorded from the parameters: a frozen graph holds U as a constant
+            w, b = self._folded()
+            u = winograd_weight(w)
+        else:
+            def build():
+                with torch.no_grad():
+                    w, b = self._folded()
+                    return winograd_weight(w), b
+            u, b = self.packs.get(self._key(), build)
+        return lite_ops.winograd_conv2d(x, u, b, list(self.padding), self.out_channels, self._attr()[0])
 
     def _explicit_padding(self, padding):
         if not isinstance(padding, str):
@@ -309,6 +361,8 @@ class PackedConv(_Packed):
         if self._needs_reference(x) or x.dim() != self.nd + 2:
             return self.reference(x, other)
         x = x.to(self.dtype).contiguous(memory_format=self._memory_format())
+        if self.winograd and self.dtype == torch.float32 and other is None:
+            return self._winograd(x)
         w, b = self._packed(x)
         traced = torch.jit.is_tracing()
         conv, conv_add = ((lite_ops.packed_conv, lite_ops.packed_conv_add) if traced else

@@ -9,7 +9,6 @@
 #include <torch/library.h>
 
 #include <optional>
-#include <cstdlib>
 
 #include "dispatch/isa.h"
 #include "kernels/winograd_kernel.h"
@@ -69,10 +68,11 @@ at::Tensor winograd_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight
   a.out_h = out_h;
   a.out_w = out_w;
   a.relu = attr == "relu";
-  // A block's transformed input (16 x tiles x C floats) stays within ~1.5 MB of L2;
+  // 48 tiles per block: each panel of U streams once per 48 rows (fewer left layer4, C = 512,
+  // bound on reading U; more spill the transformed input, 16 x 48 x C floats, out of L2);
   // output channels are split when the blocks alone leave threads short of ~8 tasks each.
   const int64_t tiles = n * ((out_h + 1) / 2) * ((out_w + 1) / 2);
-  a.tile_block = std::min<int64_t>(tiles, getenv("WTB") ? atoi(getenv("WTB")) : 48);
+  a.tile_block = std::min<int64_t>(tiles, 48);
   const int64_t blocks = (tiles + a.tile_block - 1) / a.tile_block;
   const int64_t want = 8 * static_cast<int64_t>(at::get_num_threads());
   a.k_chunk = k;

@@ -68,12 +68,13 @@ at::Tensor winograd_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight
   a.out_h = out_h;
   a.out_w = out_w;
   a.relu = attr == "relu";
-  // 48 tiles per block: each panel of U streams once per 48 rows (fewer left layer4, C = 512,
-  // bound on reading U; more spill the transformed input, 16 x 48 x C floats, out of L2);
-  // output channels are split when the blocks alone leave threads short of ~8 tasks each.
+  // Up to 48 tiles per block, the tiles spread evenly over the blocks: each panel of U streams
+  // once per block (fewer rows left layer4, C = 512, bound on reading U; more spill the
+  // transformed input, 16 x 48 x C floats, out of L2).  Output channels are split when the
+  // blocks alone leave threads short of ~8 tasks each.
   const int64_t tiles = n * ((out_h + 1) / 2) * ((out_w + 1) / 2);
-  a.tile_block = std::min<int64_t>(tiles, 48);
-  const int64_t blocks = (tiles + a.tile_block - 1) / a.tile_block;
+  const int64_t blocks = (tiles + 47) / 48;
+  a.tile_block = (tiles + blocks - 1) / blocks;
   const int64_t want = 8 * static_cast<int64_t>(at::get_num_threads());
   a.k_chunk = k;
   while (blocks * ((k + a.k_chunk - 1) / a.k_chunk) < want && a.k_chunk > 64)

@@ -14,15 +14,18 @@ namespace {
 
 #if defined(__AVX512F__)
 
-// C[R x 16 NV] = A[R x k] B[k x 16 NV]; the last vector of B and C is masked.
+// C[R x 16 NV] (+)= A[R x k] B[k x 16 NV]; the last vector of B and C is masked.
 template <int R, int NV>
 void tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t k, float* c, int64_t ldc,
-          __mmask16 last) {
+          __mmask16 last, bool accumulate) {
   __m512 acc[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = !accumulate ? _mm512_setzero_ps()
+                  : v == NV - 1 ? _mm512_maskz_loadu_ps(last, c + r * ldc + 16 * v)
+                                : _mm512_loadu_ps(c + r * ldc + 16 * v);
   for (int64_t p = 0; p < k; ++p) {
     __m512 bv[NV];
 #pragma GCC unroll 4
@@ -49,27 +52,44 @@ void tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t k, f
 
 constexpr int kTileRows = 6;  // 6 x 4 accumulators + 4 B vectors + 1 broadcast: 29 of 32 zmm
 
+// Depth of one pass over a B panel: 128 rows x 64 columns = 32 KB, so the
+// panel stays in L1 while every row tile streams past it (at C = 512 the
+// whole panel, 128 KB, came from L2 once per row tile).
+constexpr int64_t kDepthBlock = 128;
+
 template <int NV>
 void row_tiles(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m, int64_t k, float* c,
                int64_t ldc, __mmask16 last) {
-  int64_t i = 0;
-  for (; i + kTileRows <= m; i += kTileRows) tile<kTileRows, NV>(a + i * lda, lda, b, ldb, k, c + i * ldc, ldc, last);
-  a += i * lda;
-  c += i * ldc;
-  switch (m - i) {
-    case 1: tile<1, NV>(a, lda, b, ldb, k, c, ldc, last); break;
-    case 2: tile<2, NV>(a, lda, b, ldb, k, c, ldc, last); break;
-    case 3: tile<3, NV>(a, lda, b, ldb, k, c, ldc, last); break;
-    case 4: tile<4, NV>(a, lda, b, ldb, k, c, ldc, last); break;
-    case 5: tile<5, NV>(a, lda, b, ldb, k, c, ldc, last); break;
-    default: break;
+  for (int64_t p = 0; p < k; p += kDepthBlock) {
+    const int64_t kk = min64(kDepthBlock, k - p);
+    const bool acc = p > 0;
+    const float* ap = a + p;
+    const float* bp = b + p * ldb;
+    int64_t i = 0;
+    for (; i + kTileRows <= m; i += kTileRows)
+      tile<kTileRows, NV>(ap + i * lda, lda, bp, ldb, kk, c + i * ldc, ldc, last, acc);
+    const float* ai = ap + i * lda;
+    float* ci = c + i * ldc;
+    switch (m - i) {
+      case 1: tile<1, NV>(ai, lda, bp, ldb, kk, ci, ldc, last, acc); break;
+      case 2: tile<2, NV>(ai, lda, bp, ldb, kk, ci, ldc, last, acc); break;
+      case 3: tile<3, NV>(ai, lda, bp, ldb, kk, ci, ldc, last, acc); break;
+      case 4: tile<4, NV>(ai, lda, bp, ldb, kk, ci, ldc, last, acc); break;
+      case 5: tile<5, NV>(ai, lda, bp, ldb, kk, ci, ldc, last, acc); break;
+      default: break;
+    }
   }
 }
 
-// C (m x n, row stride ldc) = A (m x k) B (k x n); B panels of 64 columns are
-// reused across all row tiles.
+// C (m x n, row stride ldc) = A (m x k) B (k x n); B panels of 64 columns by
+// kDepthBlock rows are reused across all row tiles.
 void gemm(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m, int64_t n, int64_t k, float* c,
           int64_t ldc) {
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = 0.f;
+    return;
+  }
   for (int64_t j = 0; j < n; j += 64) {
     const int64_t w = min64(64, n - j);
     const int64_t nv = (w + 15) / 16;

@@ -81,9 +81,9 @@ void input_tiles(const WinogradArgs& a, int64_t t0, int64_t tb, float* v) {
   }
 }
 
-// Output channels [k0, k0 + kw) of the block's tiles from m[e * tb * 64 + t * 64 + j].
+// Output channels [k0, k0 + kw) of the block's tiles from m[e * tb * kw + t * kw + j].
 void output_tiles(const WinogradArgs& a, int64_t t0, int64_t tb, const float* m, int64_t k0, int64_t kw) {
-  const int64_t plane = tb * 64;
+  const int64_t plane = tb * kw;
   for (int64_t t = 0; t < tb; ++t) {
     const Tile tl = tile_at(a, t0 + t);
     const bool right = tl.x0 + 1 < a.out_w, below = tl.y0 + 1 < a.out_h;
@@ -91,7 +91,7 @@ void output_tiles(const WinogradArgs& a, int64_t t0, int64_t tb, const float* m,
     const int64_t row = a.out_w * a.k;
     for (int64_t j0 = 0; j0 < kw; j0 += kLanes) {
       const int64_t count = kw - j0;
-      const float* src = m + t * 64 + j0;
+      const float* src = m + t * kw + j0;
       Vec s[2][4];  // A^T M
       for (int q = 0; q < 4; ++q) {
         const Vec m0 = vload(src + q * plane, count), m1 = vload(src + (4 + q) * plane, count);
@@ -118,9 +118,10 @@ void output_tiles(const WinogradArgs& a, int64_t t0, int64_t tb, const float* m,
 void forward(const WinogradArgs& a, int64_t begin, int64_t end, void* scratch) {
   const int64_t tiles = a.n * ((a.out_h + 1) / 2) * ((a.out_w + 1) / 2);
   const int64_t chunks = (a.k + a.k_chunk - 1) / a.k_chunk;
+  const int64_t panels = (a.k + 63) / 64;
   Arena arena(scratch);
   float* v = arena.take<float>(16 * a.tile_block * a.c);
-  float* m = arena.take<float>(16 * a.tile_block * 64);
+  float* m = arena.take<float>(16 * a.tile_block * a.k_chunk);
   int64_t have = -1;  // the block whose transformed input is in v
   for (int64_t task = begin; task < end; ++task) {
     const int64_t block = task / chunks, t0 = block * a.tile_block;
@@ -129,14 +130,13 @@ void forward(const WinogradArgs& a, int64_t begin, int64_t end, void* scratch) {
       input_tiles(a, t0, tb, v);
       have = block;
     }
-    const int64_t k_end = min64(a.k, (task % chunks + 1) * a.k_chunk);
-    for (int64_t k0 = (task % chunks) * a.k_chunk; k0 < k_end; k0 += 64) {
-      const int64_t kw = min64(64, k_end - k0);
-      const int64_t panels = (a.k + 63) / 64;
-      for (int e = 0; e < 16; ++e)
-        gemm(v + e * tb * a.c, a.c, a.u + (e * panels + k0 / 64) * a.c * 64, 64, tb, kw, a.c, m + e * tb * 64, 64);
-      output_tiles(a, t0, tb, m, k0, kw);
-    }
+    const int64_t k_begin = (task % chunks) * a.k_chunk, kw = min64(a.k, k_begin + a.k_chunk) - k_begin;
+    // e outermost: V_e stays in L2 across the chunk's panels of U_e, each read once per block
+    for (int e = 0; e < 16; ++e)
+      for (int64_t j = 0; j < kw; j += 64)
+        gemm(v + e * tb * a.c, a.c, a.u + (e * panels + (k_begin + j) / 64) * a.c * 64, 64, tb, min64(64, kw - j),
+             a.c, m + e * tb * kw + j, kw);
+    output_tiles(a, t0, tb, m, k_begin, kw);
   }
 }
 

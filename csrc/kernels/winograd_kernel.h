@@ -33,9 +33,9 @@ struct WinogradKernels {
   WinogradFn forward;
 };
 
-static inline int64_t winograd_scratch_bytes(int64_t tile_block, int64_t c) {
-  // the block's transformed input (16 x tiles x C) and products for 64 output channels
-  return 4 * 16 * tile_block * (c + 64) + 2 * 64;
+static inline int64_t winograd_scratch_bytes(int64_t tile_block, int64_t c, int64_t k_chunk) {
+  // the block's transformed input (16 x tiles x C) and its products for one chunk (16 x tiles x k_chunk)
+  return 4 * 16 * tile_block * (c + k_chunk) + 2 * 64;
 }
 
 }  // namespace kernels

@@ -68,20 +68,23 @@ at::Tensor winograd_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight
   a.out_h = out_h;
   a.out_w = out_w;
   a.relu = attr == "relu";
-  // Up to 48 tiles per block, the tiles spread evenly over the blocks: each panel of U streams
-  // once per block (fewer rows left layer4, C = 512, bound on reading U; more spill the
-  // transformed input, 16 x 48 x C floats, out of L2).  Output channels are split when the
-  // blocks alone leave threads short of ~8 tasks each.
+  // Blocking.  U (16 x C x K floats) is read once per block of tiles.  While it fits in L2
+  // (<= 1 MB: ResNet's 64- and 128-channel layers) blocks of up to 48 tiles keep every
+  // operand there.  Larger U would be streamed from L3 once per block (at 48 tiles, 9 and 3
+  // times per call on ResNet-50's layer3/layer4, slower than oneDNN on layer4), so those
+  // layers take few large blocks (<= 256 tiles) and split the output channels instead.
+  // Tiles spread evenly over the blocks; ~2 tasks per thread.
   const int64_t tiles = n * ((out_h + 1) / 2) * ((out_w + 1) / 2);
-  const int64_t blocks = (tiles + 47) / 48;
+  const int64_t threads = at::get_num_threads();
+  const bool u_in_l2 = 16 * c * k * 4 <= (int64_t(1) << 20);
+  const int64_t blocks = (tiles + (u_in_l2 ? 47 : 255)) / (u_in_l2 ? 48 : 256);
   a.tile_block = (tiles + blocks - 1) / blocks;
-  const int64_t want = 8 * static_cast<int64_t>(at::get_num_threads());
-  a.k_chunk = k;
-  while (blocks * ((k + a.k_chunk - 1) / a.k_chunk) < want && a.k_chunk > 64)
-    a.k_chunk = ((a.k_chunk + 1) / 2 + 63) / 64 * 64;
+  const int64_t chunks_wanted = std::max<int64_t>(1, (2 * threads + blocks - 1) / blocks);
+  a.k_chunk = std::max<int64_t>(64, ((k + chunks_wanted - 1) / chunks_wanted + 63) / 64 * 64);
+  if (a.k_chunk >= k) a.k_chunk = k;
   const int64_t tasks = blocks * ((k + a.k_chunk - 1) / a.k_chunk);
   const auto fn = IPEX_LITE_KERNEL_TABLE(winograd_kernels).forward;
-  const int64_t scratch_bytes = kernels::winograd_scratch_bytes(a.tile_block, c);
+  const int64_t scratch_bytes = kernels::winograd_scratch_bytes(a.tile_block, c, a.k_chunk);
   // grain 1: each thread gets one contiguous run of tasks, so the output
   // channel chunks of a block reuse its transformed input.
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {

@@ -23,6 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .nn.functional import max_pool2d as fast_max_pool2d
 from .nn.functional import scaled_dot_product_attention as fused_sdpa
 from .nn.prepacked import UNARY, PackedConv, PackedConvTranspose, PackedLinear, _hardtanh, _leaky, _Packed
 
@@ -260,17 +261,42 @@ def _rewrite_graph(gm: fx.GraphModule, prefix: str, knobs: Knobs, report: Report
 
 
 def _use_fused_attention(graph: fx.Graph, prefix: str, report: Report) -> None:
-    """F.scaled_dot_product_attention calls go through ipex_lite's wrapper,
-    which runs the fused CPU kernel when it applies (inference, no dropout)
-    and torch's own kernel otherwise."""
-    count = 0
+    """F.scaled_dot_product_attention and F.max_pool2d calls go through
+    ipex_lite's wrappers, which run its CPU kernels when they apply
+    (inference, no dropout / no indices) and torch's own otherwise."""
+    counts = {"attention": 0, "max_pool2d": 0}
     for n in graph.nodes:
         if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
             n.target = fused_sdpa
-            count += 1
-    if count:
-        report.add(prefix, "attention", f"{count} scaled_dot_product_attention call(s) -> ipex_lite kernel "
-                   "(torch's when training or with dropout)")
+            counts["attention"] += 1
+        elif n.op == "call_function" and n.target is F.max_pool2d:
+            n.target = fast_max_pool2d
+            counts["max_pool2d"] += 1
+    if counts["attention"]:
+        report.add(prefix, "attention", f"{counts['attention']} scaled_dot_product_attention call(s) -> ipex_lite "
+                   "kernel (torch's when training or with dropout)")
+    if counts["max_pool2d"]:
+        report.add(prefix, "max_pool2d", f"{counts['max_pool2d']} F.max_pool2d call(s) -> ipex_lite kernel "
+                   "(no indices; torch's when training)")
+
+
+class InferenceMaxPool2d(nn.MaxPool2d):
+    """nn.MaxPool2d that pools through ipex_lite's channels-last kernel when
+    no gradient is needed (torch computes int64 indices it then drops)."""
+
+    def forward(self, x):
+        return fast_max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode,
+                               self.return_indices)
+
+
+def _use_fast_pooling(model: nn.Module, report: Report) -> None:
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.MaxPool2d and not child.return_indices:
+                fast = InferenceMaxPool2d(child.kernel_size, child.stride, child.padding, child.dilation,
+                                          return_indices=False, ceil_mode=child.ceil_mode)
+                setattr(parent, name, fast)
+                report.add(_join(parent_name, name), "replaced", "MaxPool2d -> ipex_lite kernel (no indices)")
 
 
 def _mark_inplace_adds(gm: fx.GraphModule) -> None:
@@ -442,6 +468,8 @@ def optimize_for_inference(model: nn.Module, knobs: Knobs, sample_input=None) ->
     if knobs.replace_dropout_with_identity:
         _replace_dropout(model, "", report)
     model = _rewrite(model, "", knobs, report)
+    if knobs.fuse_post_ops:
+        _use_fast_pooling(model, report)
     if knobs.conv_winograd and knobs.weights_prepack:
         _use_winograd(model, report)
     model.__dict__["_ipex_lite_report"] = report

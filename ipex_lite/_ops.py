@@ -77,6 +77,21 @@ def _winograd_conv2d_fake(input, weight, bias, padding, out_channels, attr):
     return input.new_empty((n, out_channels, out_h, out_w)).contiguous(memory_format=torch.channels_last)
 
 
+
+def _pooled_size(size, k, s, p, d, ceil_mode):
+    out = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+    return out - 1 if ceil_mode and (out - 1) * s >= size + p else out
+
+
+@torch.library.register_fake("ipex_lite::max_pool2d")
+def _max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
+    torch._check(input.dim() == 4, lambda: f"max_pool2d: input must be 4-D (N, C, H, W), got {tuple(input.shape)}")
+    n, c, h, w = input.shape
+    oh, ow = (_pooled_size(*args, ceil_mode) for args in zip((h, w), kernel_size, stride, padding, dilation))
+    torch._check(oh > 0 and ow > 0, lambda: "max_pool2d: input is too small for the kernel")
+    return input.new_empty((n, c, oh, ow)).contiguous(memory_format=torch.channels_last)
+
+
 def _interaction_setup_context(ctx, inputs, output):
     (tensors,) = inputs
     ctx.save_for_backward(*tensors)

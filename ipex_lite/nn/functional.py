@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from .prepacked import _shape_test
 from .vision import roi_align
 
-__all__ = ["interaction", "roi_align", "scaled_dot_product_attention"]
+__all__ = ["interaction", "max_pool2d", "roi_align", "scaled_dot_product_attention"]
 
 
 def interaction(*tensors: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
@@ -63,3 +63,24 @@ def _fused_attention_applies(query, key, value, attn_mask, dropout_p, enable_gqa
                    or key.shape[3] != e):
         return False
     return attn_mask is None or attn_mask.dtype in (torch.bool, torch.float32, torch.bfloat16)
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
+               return_indices: bool = False) -> torch.Tensor:
+    """``F.max_pool2d`` with ipex_lite's channels-last inference kernel (no indices computed).
+
+    The kernel serves 4-D fp32/bf16 CPU tensors without gradient; anything
+    else (training, indices, other dtypes, 3-D input) goes to torch.
+    """
+    stride = kernel_size if stride is None or (not isinstance(stride, int) and len(stride) == 0) else stride
+    args = [_pair(v) for v in (kernel_size, stride, padding, dilation)]
+    if (not return_indices and isinstance(input, torch.Tensor) and input.dim() == 4 and input.device.type == "cpu"
+            and input.layout == torch.strided and input.dtype in (torch.float32, torch.bfloat16)
+            and not (torch.is_grad_enabled() and input.requires_grad) and all(len(a) == 2 for a in args)):
+        return torch.ops.ipex_lite.max_pool2d(input, *args, ceil_mode)
+    return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
+                        return_indices=return_indices)

@@ -68,6 +68,34 @@ def test_forward_backward_match_embeddingbag(dtype, mode, index_dtype, include_l
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("batch,dim", [(5, 40), (3000, 128)])  # small, and streamed (> 1 MB per thread)
+def test_one_index_per_bag_is_bit_exact(dtype, mode, batch, dim):
+    # bags of one index copy their row as stored; -0 becomes +0 for sum and mean (their
+    # accumulators start at +0) and stays -0 for max, as torch's EmbeddingBag gives
+    g = torch.Generator().manual_seed(dim)
+    tables = [nn.EmbeddingBag(50, dim, mode=mode).to(dtype) for _ in range(3)]
+    with torch.no_grad():
+        for t in tables:
+            t.weight.copy_(torch.randn(50, dim, generator=g))
+            t.weight[0, :7] = -0.0
+            t.weight[1, 3] = float("inf")
+    merged = MergedEmbeddingBag.from_embeddingbag_list(tables)
+    indices = [torch.randint(0, 50, (batch,), generator=g) for _ in tables]
+    indices[0][:2] = torch.tensor([0, 1])
+    offsets = [torch.arange(batch) for _ in tables]
+    offsets[2] = torch.tensor([0, 0] + list(range(2, batch)))  # an empty bag and a bag of two among ones
+    with torch.no_grad():
+        got = merged(indices, offsets)
+        for t, i, o, out in zip(tables, indices, offsets, got):
+            want = t(i, o)
+            single = (o.diff(append=torch.tensor([batch])) == 1).nonzero().flatten()
+            assert torch.equal(out[single], want[single])
+            assert torch.equal(torch.signbit(out[single]), torch.signbit(want[single]))
+            torch.testing.assert_close(out.float(), want.float(), **TOL[dtype])  # the empty and two-row bags
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim,cat", [(64, False), (37, False), (24, True)])
 def test_large_outputs_take_streaming_stores(dtype, dim, cat):
     # outputs past 1 MB per thread (here 1.2-12 MB on 2 threads) are written

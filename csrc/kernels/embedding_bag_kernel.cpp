@@ -134,6 +134,33 @@ int64_t pool_bag(const EmbBagTable& tb, const I* idx, const T* psw, int64_t s, i
   }
 }
 
+// A bag of one row is that row: copied as it is stored (no widening and
+// rounding back), 64 bytes per vector.  Sum and mean start from +0, so a -0
+// becomes +0 as in the pooled path; max keeps it.
+template <typename T>
+inline void copy_row(const T* src, T* dst, int64_t dim, bool plus_zero, bool stream) {
+  constexpr int64_t kPer = 64 / sizeof(T);
+  for (int64_t k = 0; k < dim; k += kPer) {
+    const int64_t n = min64(kPer, dim - k);
+    if constexpr (std::is_same<T, float>::value) {
+      const __mmask16 m = tail_mask16(n);
+      __m512 v = _mm512_maskz_loadu_ps(m, src + k);
+      if (plus_zero) v = _mm512_add_ps(v, _mm512_setzero_ps());
+      store16(dst + k, v, m, stream);
+    } else {
+      const __mmask32 m = n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
+      __m512i v = _mm512_maskz_loadu_epi16(m, src + k);
+      if (plus_zero) v = _mm512_mask_blend_epi16(_mm512_cmpeq_epi16_mask(v, _mm512_set1_epi16(-32768)), v,
+                                                 _mm512_setzero_si512());
+      if (stream && n == 32 && (reinterpret_cast<uintptr_t>(dst + k) & 63) == 0) {
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + k), v);
+      } else {
+        _mm512_mask_storeu_epi16(dst + k, m, v);
+      }
+    }
+  }
+}
+
 #else  // portable path: the compiler vectorises the column loops
 
 template <typename T, typename I>
@@ -184,6 +211,18 @@ int64_t forward_impl(const EmbBagFwdArgs& a, int64_t t, int64_t begin, int64_t e
   for (int64_t b = begin; b < end; ++b) {
     const int64_t s = off[b], e = bag_end(off, b, a.batch, a.include_last_offset, tb.nnz);
     T* out = static_cast<T*>(tb.out) + b * tb.out_stride;
+#if defined(__AVX512F__)
+    if (e == s + 1 && psw == nullptr) {  // DLRM's common case: one index per bag
+      if (s + kRowPrefetch < pf_end) prefetch_row(w, tb.w_stride, idx[s + kRowPrefetch], tb.num_rows, 0, a.dim);
+      const int64_t row = idx[s];
+      if (out_of_range(row, tb.num_rows)) {
+        bad = s;
+        break;
+      }
+      copy_row(w + row * tb.w_stride, out, a.dim, a.mode != kPoolMax, a.stream_out);
+      continue;
+    }
+#endif
     bad = pool_bag<T, I>(tb, idx, psw, s, e, pf_end, a.mode, a.dim, out, a.stream_out);
     if (bad >= 0) break;
   }

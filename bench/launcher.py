@@ -30,6 +30,19 @@ ALLOCATORS = ("default", "jemalloc", "tcmalloc")
 SCRUB = ("OMP_", "KMP_", "GOMP_", "MALLOC_CONF", "LD_PRELOAD", "IPEX_LITE_INSTANCE_IDX")
 
 
+def _json_objects(text: str) -> List[dict]:
+    """Every instance's one-line JSON report; two instances finishing together can
+    land on one line of the launcher's stdout, so objects are decoded where they start."""
+    decoder, out = json.JSONDecoder(), []
+    for line in text.splitlines():
+        pos = line.find("{")
+        while pos >= 0:
+            obj, end = decoder.raw_decode(line, pos)
+            out.append(obj)
+            pos = line.find("{", end)
+    return out
+
+
 def run_once(allocator: str, ninstances: int, ncores: int, seconds: float, startup: float) -> Tuple[float, List[dict]]:
     """One launcher run; returns (summed items/s, per-instance reports)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUB)}
@@ -39,7 +52,7 @@ def run_once(allocator: str, ninstances: int, ncores: int, seconds: float, start
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=startup + seconds + 120)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
-    reports = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    reports = _json_objects(r.stdout)
     if len(reports) != ninstances:
         raise RuntimeError(f"expected {ninstances} reports, got:\n{r.stdout}\n{r.stderr}")
     for rep in reports:

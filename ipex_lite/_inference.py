@@ -1,5 +1,6 @@
 """The inference half of ``ipex_lite.optimize``: Dropout removal, BatchNorm
-folding, post-op fusion and oneDNN weight prepacking.
+folding, post-op fusion, oneDNN weight prepacking, Winograd 3x3 convolutions,
+and ipex_lite's attention and max-pooling kernels.
 
 Where a module traces with ``torch.fx`` the rewrite works on its graph, so it
 sees ``bn(conv(x))``, ``relu(...)`` and ``out += identity`` wherever they are
@@ -198,7 +199,7 @@ def _rewrite_graph(gm: fx.GraphModule, prefix: str, knobs: Knobs, report: Report
             n.replace_all_uses_with(n.args[0])
             graph.erase_node(n)
     if knobs.fuse_post_ops:
-        _use_fused_attention(graph, prefix, report)
+        _use_inference_kernels(graph, prefix, report)
     calls: Dict[str, int] = {}
     for n in graph.nodes:
         if n.op == "call_module":
@@ -260,7 +261,7 @@ def _rewrite_graph(gm: fx.GraphModule, prefix: str, knobs: Knobs, report: Report
     gm.recompile()
 
 
-def _use_fused_attention(graph: fx.Graph, prefix: str, report: Report) -> None:
+def _use_inference_kernels(graph: fx.Graph, prefix: str, report: Report) -> None:
     """F.scaled_dot_product_attention and F.max_pool2d calls go through
     ipex_lite's wrappers, which run its CPU kernels when they apply
     (inference, no dropout / no indices) and torch's own otherwise."""

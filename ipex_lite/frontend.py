@@ -19,7 +19,10 @@ Inference mode (``optimize(model.eval(), dtype=...)``, no optimizer): see
 before it, replaces Dropout with Identity, fuses activations and residual
 adds into the layer, and prepacks Conv/ConvTranspose/Linear weights for
 oneDNN (channels_last activations); ``dtype=torch.bfloat16`` computes those
-layers in bf16.  O0 changes nothing.  An explicit knob overrides the level.
+layers in bf16.  Also at O1: fp32 3x3 stride-1 convolutions run through
+ipex_lite's Winograd F(2x2, 3x3) kernel (``conv_winograd``, an ipex_lite knob),
+and ``F.scaled_dot_product_attention`` / max pooling through its inference
+kernels.  O0 changes nothing.  An explicit knob overrides the level.
 ``verbose=True`` prints what was done to each module; ``ipex_lite.explain``
 returns the same report later.
 """

@@ -81,6 +81,8 @@ at::Tensor winograd_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight
   a.tile_block = (tiles + blocks - 1) / blocks;
   const int64_t chunks_wanted = std::max<int64_t>(1, (2 * threads + blocks - 1) / blocks);
   a.k_chunk = std::max<int64_t>(64, ((k + chunks_wanted - 1) / chunks_wanted + 63) / 64 * 64);
+  // and the chunk's products (16 x tiles x k_chunk floats) within ~2 MB of scratch
+  a.k_chunk = std::min(a.k_chunk, std::max<int64_t>(64, (int64_t(1) << 21) / (64 * a.tile_block) / 64 * 64));
   if (a.k_chunk >= k) a.k_chunk = k;
   const int64_t tasks = blocks * ((k + a.k_chunk - 1) / a.k_chunk);
   const auto fn = IPEX_LITE_KERNEL_TABLE(winograd_kernels).forward;

@@ -294,7 +294,8 @@ class PackedConv(_Packed):
         self._traces_packed = self.nd in (2, 3)  # 1-D convolutions have no packed layout
         if self.padding is None or self.padding_mode != "zeros":
             self.prepack = False  # asymmetric "same" padding or a non-zero padding mode: plain path
-        self.winograd = False
+
+    winograd = False  # a class default: modules pickled before the knob existed load with it off
 
     @property
     def winograd_eligible(self) -> bool:

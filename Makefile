@@ -82,7 +82,7 @@ bench: build
 # runtime is preloaded, and leak detection is off (CPython and torch keep allocations to exit).
 SANITIZE_TESTS ?= tests/test_interaction.py tests/test_embedding_bag.py tests/test_optimizer.py \
                   tests/test_quantization.py tests/test_vision.py tests/test_fuzz.py tests/test_aten_overrides.py \
-                  tests/test_packed_weights.py
+                  tests/test_packed_weights.py tests/test_attention.py tests/test_winograd.py tests/test_pooling.py
 sanitize: venv
 	rm -rf .sanitize && mkdir -p .sanitize
 	git ls-files -z | xargs -0 cp --parents -t .sanitize

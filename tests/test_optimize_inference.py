@@ -226,6 +226,21 @@ def test_every_fp32_linear_kernel_computes_the_same_layer(kernel):
         packed.set_kernel("blas")
 
 
+def test_fp32_linears_without_activation_default_to_mkl():
+    model, x = make("bert")
+    opt = ipex_lite.optimize(model)
+    linears = [m for m in packed_modules(opt) if isinstance(m, PackedLinear)]
+    plain = "mkl" if "mkl" in PackedLinear.KERNELS else "onednn"
+    assert any(m._unary_spec is not None for m in linears) and any(m._unary_spec is None for m in linears)
+    assert all(m.kernel == (plain if m._unary_spec is None else "onednn") for m in linears)
+    if plain == "mkl":
+        assert "MKL packed sgemm" in ipex_lite.explain(opt)
+    with torch.no_grad():
+        assert_close_fp32(opt(x), model(x))
+    bf16 = ipex_lite.optimize(model, dtype=torch.bfloat16)
+    assert all(m.kernel == "onednn" for m in packed_modules(bf16) if isinstance(m, PackedLinear))
+
+
 @pytest.mark.parametrize("with_sample", [False, True])
 def test_auto_kernel_selection_times_fp32_linear_kernels(with_sample):
     model, x = make("mlp")

@@ -3,10 +3,10 @@
 // One task is a block of query rows of one (batch, head).  It keeps the whole
 // key range: S = (scale Q) K^T for the block, an exact softmax per row
 // (max, exp, sum), then O = P V scaled by 1/sum.  K^T and V are widened
-// into fp32 once per (batch, head) that a call touches, so
-// both products are the same small GEMM: broadcast one A element, FMA into
-// 6 rows x 4 vectors of accumulators.  At BERT's shapes (128 keys, 64 per
-// head) every operand of a task stays in L1/L2.
+// into fp32 once per (batch, head) that a call touches, so both products are
+// the same small GEMM (gemm_tile.h): broadcast one A element, FMA into 6 rows
+// x 4 vectors of accumulators.  At BERT's shapes (128 keys, 64 per head)
+// every operand of a task stays in L1/L2.
 #include "kernels/attention_kernel.h"
 #include "kernels/gemm_tile.h"
 

@@ -503,7 +503,7 @@ def _default_fp32_linear_kernels(model: nn.Module, report: Report) -> None:
         return
     count = 0
     for _, m in _packed_layers(model):
-        if isinstance(m, PackedLinear) and m._unary_spec is None and m.dtype == torch.float32 and m.prepack:
+        if isinstance(m, PackedLinear) and m._unary_spec is None:  # the caller checked fp32 and prepacking
             m.set_kernel("mkl")
             count += 1
     if count:

@@ -67,6 +67,16 @@ def test_empty_and_degenerate_shapes():
         check(op(x, w, None, [1, 1], 32, "none"), reference(x, weight, None, (1, 1), False))
 
 
+def test_no_input_channels_gives_the_bias():
+    x, b = torch.randn(2, 0, 5, 4), torch.randn(70)
+    u = torch.zeros(16, 2, 0, 64)
+    for attr in ("none", "relu"):
+        y = op(x, u, b, [1, 1], 70, attr)
+        want = b.view(1, 70, 1, 1).expand(2, 70, 5, 4)
+        assert torch.equal(y, want.relu() if attr == "relu" else want)
+    assert bool((op(x, u, None, [1, 1], 70, "relu") == 0).all())
+
+
 def test_opcheck():
     x = torch.randn(2, 16, 6, 5)
     u = winograd_weight(torch.randn(20, 16, 3, 3))

@@ -48,7 +48,11 @@ at::Tensor winograd_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight
 
   at::Tensor out = at::empty({n, k, out_h, out_w}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
-  if (c == 0) return has_bias ? out.copy_(bias->view({1, k, 1, 1}).expand_as(out)).relu_() : out.zero_();
+  if (c == 0) {  // no input channels: every output pixel is the bias
+    if (!has_bias) return out.zero_();
+    out.copy_(bias->view({1, k, 1, 1}).expand_as(out));
+    return attr == "relu" ? out.relu_() : out;
+  }
   const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor u = weight.contiguous();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();

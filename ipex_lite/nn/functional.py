@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .prepacked import _shape_test
-from .vision import roi_align
+from .vision import as_pair, roi_align
 
 __all__ = ["interaction", "max_pool2d", "roi_align", "scaled_dot_product_attention"]
 
@@ -65,10 +65,6 @@ def _fused_attention_applies(query, key, value, attn_mask, dropout_p, enable_gqa
     return attn_mask is None or attn_mask.dtype in (torch.bool, torch.float32, torch.bfloat16)
 
 
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
                return_indices: bool = False) -> torch.Tensor:
     """``F.max_pool2d`` with ipex_lite's channels-last inference kernel (no indices computed).
@@ -77,7 +73,7 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     else (training, indices, other dtypes, 3-D input) goes to torch.
     """
     stride = kernel_size if stride is None or (not isinstance(stride, int) and len(stride) == 0) else stride
-    args = [_pair(v) for v in (kernel_size, stride, padding, dilation)]
+    args = [as_pair(v) for v in (kernel_size, stride, padding, dilation)]
     if (not return_indices and isinstance(input, torch.Tensor) and input.dim() == 4 and input.device.type == "cpu"
             and input.layout == torch.strided and input.dtype in (torch.float32, torch.bfloat16)
             and not (torch.is_grad_enabled() and input.requires_grad) and all(len(a) == 2 for a in args)):

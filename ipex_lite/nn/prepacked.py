@@ -91,8 +91,9 @@ class PackCache:
         self.key = None
         self.entries = {}  # (threads, shape) -> (packed value, layout descriptor or None)
 
-    def get(self, key, build, shape=()):
-        slot = (torch.get_num_threads(), tuple(shape))  # the calling thread's OpenMP team size
+    def get(self, key, build, shape=(), per_team=True):
+        # the calling thread's OpenMP team size, for layouts that depend on it
+        slot = (torch.get_num_threads() if per_team else 0, tuple(shape))
         if self.key == key:
             entry = self.entries.get(slot)
             if entry is not None:
@@ -321,7 +322,7 @@ class PackedConv(_Packed):
                 with torch.no_grad():
                     w, b = self._folded()
                     return winograd_weight(w), b
-            u, b = self.packs.get(self._key(), build)
+            u, b = self.packs.get(self._key(), build, per_team=False)  # U depends on neither team nor shape
         return lite_ops.winograd_conv2d(x, u, b, list(self.padding), self.out_channels, self._attr()[0])
 
     def _explicit_padding(self, padding):

@@ -11,10 +11,13 @@ __all__ = ["roi_align", "RoIAlign", "FrozenBatchNorm2d"]
 ops = torch.ops.ipex_lite
 
 
+def as_pair(v) -> tuple:
+    """An int as (v, v); any other sequence as a tuple (its length unchecked)."""
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
 def _pair(v) -> Tuple[int, int]:
-    if isinstance(v, int):
-        return v, v
-    v = tuple(v)
+    v = as_pair(v)
     if len(v) != 2 or not all(isinstance(i, int) for i in v):
         raise ValueError(f"roi_align: output_size must be an int or a pair of ints, got {v!r}")
     return v

@@ -30,19 +30,27 @@ def _interaction_forward_fake(inputs):
     return inputs[0].new_empty((batch, dim + n * (n - 1) // 2))
 
 
-@torch.library.register_fake("ipex_lite::interaction_backward")
-def _interaction_backward_fake(grad_out, inputs):
-    _check_interaction_inputs("interaction_backward", inputs)
+def _check_interaction_grad(op, grad_out, inputs):
+    _check_interaction_inputs(op, inputs)
     n = len(inputs)
     batch, dim = inputs[0].shape
     want = (batch, dim + n * (n - 1) // 2)
     torch._check(tuple(grad_out.shape) == want,
-                 lambda: f"interaction_backward: grad_out must have shape {want}, got {tuple(grad_out.shape)}")
+                 lambda: f"{op}: grad_out must have shape {want}, got {tuple(grad_out.shape)}")
     torch._check(grad_out.dtype == inputs[0].dtype,
-                 lambda: f"interaction_backward: grad_out has dtype {grad_out.dtype} but the inputs have {inputs[0].dtype}")
-    # views of one (N, B, D) block, as the CPU kernel returns them
-    return list(inputs[0].new_empty((n, batch, dim)).unbind(0))
+                 lambda: f"{op}: grad_out has dtype {grad_out.dtype} but the inputs have {inputs[0].dtype}")
 
+
+@torch.library.register_fake("ipex_lite::interaction_backward")
+def _interaction_backward_fake(grad_out, inputs):
+    _check_interaction_grad("interaction_backward", grad_out, inputs)
+    return [t.new_empty(t.shape) for t in inputs]
+
+
+@torch.library.register_fake("ipex_lite::interaction_backward_stacked")
+def _interaction_backward_stacked_fake(grad_out, inputs):
+    _check_interaction_grad("interaction_backward_stacked", grad_out, inputs)
+    return inputs[0].new_empty((len(inputs), *inputs[0].shape))
 
 
 @torch.library.register_fake("ipex_lite::scaled_dot_product_attention")
@@ -99,8 +107,8 @@ def _interaction_setup_context(ctx, inputs, output):
 
 def _interaction_backward(ctx, grad_out):
     tensors = list(ctx.saved_tensors)
-    grads = ops.interaction_backward(grad_out.to(tensors[0].dtype), tensors)
-    return (list(grads),)
+    # rows of one block: see interaction_backward_stacked in csrc/ops/interaction.cpp
+    return (list(ops.interaction_backward_stacked(grad_out.to(tensors[0].dtype), tensors).unbind(0)),)
 
 
 torch.library.register_autograd("ipex_lite::interaction_forward", _interaction_backward,

@@ -82,6 +82,19 @@ def test_opcheck(dtype):
     grad = torch.randn(6, 20 + 10).to(dtype)
     plain = [x.detach() for x in xs]
     torch.library.opcheck(ops.interaction_backward, (grad, plain))
+    torch.library.opcheck(ops.interaction_backward_stacked, (grad, plain))
+
+
+def test_backward_ops_agree():
+    # the list op (separate tensors) and the stacked one autograd uses
+    xs = make_inputs(4, 7, 16, torch.float32)
+    grad = torch.randn(7, 16 + 6)
+    grads = ops.interaction_backward(grad, xs)
+    stacked = ops.interaction_backward_stacked(grad, xs)
+    assert stacked.shape == (4, 7, 16)
+    for g, s in zip(grads, stacked):
+        assert torch.equal(g, s)
+    assert len({g.untyped_storage().data_ptr() for g in grads}) == len(grads)
 
 
 def test_non_contiguous_inputs():
@@ -147,6 +160,7 @@ def test_fake_tensor_shapes():
         assert out.shape == (10, 12 + 15)
         grads = ops.interaction_backward(torch.empty(10, 27), xs)
         assert [tuple(g.shape) for g in grads] == [(10, 12)] * 6
+        assert ops.interaction_backward_stacked(torch.empty(10, 27), xs).shape == (6, 10, 12)
 
 
 BAD = [
@@ -183,6 +197,8 @@ def test_bad_backward_inputs_raise():
         ops.interaction_backward(torch.randn(4, 11, dtype=torch.float64), xs)
     with pytest.raises(RuntimeError, match="grad_out must be a dense"):
         ops.interaction_backward(torch.randn(4, 11).to_sparse(), xs)
+    with pytest.raises(RuntimeError, match="interaction_backward_stacked: grad_out must have shape"):
+        ops.interaction_backward_stacked(torch.randn(4, 10), xs)
 
 
 def test_meta_device_rejected_by_cpu_kernel():

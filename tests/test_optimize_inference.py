@@ -12,7 +12,7 @@ from torch import nn
 
 import ipex_lite
 from ipex_lite._inference import FoldedBatchNorm
-from ipex_lite.nn.prepacked import PackedConv, PackedLinear, _Packed
+from ipex_lite.nn.prepacked import UNARY, PackedConv, PackedLinear, _Packed
 
 
 def _randomize_bn(model, seed=0):
@@ -226,19 +226,46 @@ def test_every_fp32_linear_kernel_computes_the_same_layer(kernel):
         packed.set_kernel("blas")
 
 
-def test_fp32_linears_without_activation_default_to_mkl():
-    model, x = make("bert")
+@pytest.mark.parametrize("name", ["bert", "mlp"])
+def test_fp32_linears_default_to_mkl_unless_an_activation_fuses(name):
+    # no activation or GELU: MKL (GELU in place after it); ReLU, SiLU, ...: oneDNN, fused
+    model, x = make(name)
     opt = ipex_lite.optimize(model)
     linears = [m for m in packed_modules(opt) if isinstance(m, PackedLinear)]
     plain = "mkl" if "mkl" in PackedLinear.KERNELS else "onednn"
-    assert any(m._unary_spec is not None for m in linears) and any(m._unary_spec is None for m in linears)
-    assert all(m.kernel == (plain if m._unary_spec is None else "onednn") for m in linears)
+    unaries = {m.unary for m in linears}
+    assert None in unaries and unaries - {None}, unaries
+    assert all(m.kernel == (plain if m.unary in (None, "gelu", "gelu_tanh") else "onednn") for m in linears)
     if plain == "mkl":
         assert "MKL packed sgemm" in ipex_lite.explain(opt)
     with torch.no_grad():
         assert_close_fp32(opt(x), model(x))
     bf16 = ipex_lite.optimize(model, dtype=torch.bfloat16)
     assert all(m.kernel == "onednn" for m in packed_modules(bf16) if isinstance(m, PackedLinear))
+
+
+@pytest.mark.parametrize("unary", sorted(UNARY))
+@pytest.mark.parametrize("kernel", PackedLinear.KERNELS)
+def test_post_ops_after_the_gemm(unary, kernel):
+    # kernels without the fusion apply add + activation in place on their fresh output;
+    # with autograd recording they must not (the reference path keeps the graph)
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 40)
+    layer = PackedLinear(lin, unary=unary, binary=True)
+    layer.set_kernel(kernel)
+    x, other = torch.randn(6, 24), torch.randn(6, 40)
+    want = UNARY[unary][3](lin(x) + other)
+    with torch.no_grad():
+        assert_close_fp32(layer(x, other), want)
+        other_copy = other.clone()
+        layer(x, other)
+        assert torch.equal(other, other_copy)  # the residual operand is read, not written
+    xg = x.clone().requires_grad_()
+    y = layer(xg, other)
+    y.sum().backward()
+    xr = x.clone().requires_grad_()
+    UNARY[unary][3](lin(xr) + other).sum().backward()
+    assert_close_fp32(xg.grad, xr.grad)
 
 
 @pytest.mark.parametrize("with_sample", [False, True])

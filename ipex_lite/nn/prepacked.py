@@ -23,6 +23,7 @@ a trace cannot hold oneDNN's packed tensors, so those ops pack on first use
 (csrc/ops/packed_weights.cpp), and a frozen graph runs packed, without
 Python, and can be saved and loaded on another machine.
 """
+import functools
 import threading
 import warnings
 from typing import List, Optional, Sequence, Tuple
@@ -36,14 +37,30 @@ __all__ = ["PackedConv", "PackedConvTranspose", "PackedLinear", "PackCache", "UN
 mkldnn = torch.ops.mkldnn
 lite_ops = torch.ops.ipex_lite
 
-# post-op name -> (oneDNN attr, scalars, algorithm, eager function)
+def _gelu(t, inplace=False):
+    return torch._C._nn.gelu_(t) if inplace else F.gelu(t)
+
+
+def _gelu_tanh(t, inplace=False):
+    return torch._C._nn.gelu_(t, approximate="tanh") if inplace else F.gelu(t, approximate="tanh")
+
+
+def _sigmoid(t, inplace=False):
+    return t.sigmoid_() if inplace else torch.sigmoid(t)
+
+
+def _tanh(t, inplace=False):
+    return t.tanh_() if inplace else torch.tanh(t)
+
+
+# post-op name -> (oneDNN attr, scalars, algorithm, eager function f(t, inplace=False))
 UNARY = {
     "relu": ("relu", [], "", F.relu),
     "silu": ("swish", [], "", F.silu),
-    "gelu": ("gelu", [], "none", F.gelu),
-    "gelu_tanh": ("gelu", [], "tanh", lambda t: F.gelu(t, approximate="tanh")),
-    "sigmoid": ("sigmoid", [], "", torch.sigmoid),
-    "tanh": ("tanh", [], "", torch.tanh),
+    "gelu": ("gelu", [], "none", _gelu),
+    "gelu_tanh": ("gelu", [], "tanh", _gelu_tanh),
+    "sigmoid": ("sigmoid", [], "", _sigmoid),
+    "tanh": ("tanh", [], "", _tanh),
     "hardswish": ("hardswish", [], "", F.hardswish),
     "hardsigmoid": ("hardsigmoid", [], "", F.hardsigmoid),
     "relu6": ("hardtanh", [0.0, 6.0], "", F.relu6),
@@ -59,11 +76,11 @@ def _shape_test(test) -> bool:
 
 
 def _leaky(slope):
-    return ("leaky_relu", [slope], "", lambda t: F.leaky_relu(t, slope))
+    return ("leaky_relu", [slope], "", functools.partial(F.leaky_relu, negative_slope=slope))
 
 
 def _hardtanh(lo, hi):
-    return ("hardtanh", [lo, hi], "", lambda t: F.hardtanh(t, lo, hi))
+    return ("hardtanh", [lo, hi], "", functools.partial(F.hardtanh, min_val=lo, max_val=hi))
 
 
 class PackCache:
@@ -231,10 +248,14 @@ class _Packed(nn.Module):
         return attr, scalars, algo
 
     def _post(self, y, other):
+        # y is a fresh kernel output: update it in place (no second output to allocate and
+        # page in) unless autograd needs it unchanged or the add would broadcast or promote
+        inplace = not y.requires_grad
         if other is not None:
-            y = y + other
+            same = _shape_test(lambda: other.shape == y.shape) and other.dtype == y.dtype
+            y = y.add_(other) if inplace and same else y + other
         if self._unary_spec is not None:
-            y = self._unary_spec[3](y)
+            y = self._unary_spec[3](y, inplace=inplace)
         return y
 
     def extra_repr(self) -> str:

@@ -133,7 +133,11 @@ class MergedEmbeddingBag(nn.Module):
         return cls(specs, **kwargs)
 
     def _weight_list(self) -> List[torch.Tensor]:
-        # indexing, not list(ParameterList): torch 2.8's dynamo cannot trace the latter
+        # ParameterList indexing costs ~2 us per table (61 us of a 0.85 ms 26-table lookup), so eager
+        # calls read its registry; under compile, indexing: torch 2.8's dynamo cannot trace list(ParameterList)
+        params = self.weights._parameters
+        if not torch.compiler.is_compiling() and len(params) == len(self.weights):
+            return list(params.values())
         return [self.weights[i] for i in range(len(self.weights))]
 
     def _lists(self, indices: Lists, offsets: Lists, per_sample_weights) -> Tuple[list, list, list]:

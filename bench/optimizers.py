@@ -34,13 +34,18 @@ def main(argv=None):
     parser = add_common_args(argparse.ArgumentParser(description=__doc__,
                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--params", type=int, default=100_000_000)
-    parser.add_argument("--only", default=",".join(OPTIMIZERS))
+    parser.add_argument("--only", default=",".join(OPTIMIZERS),
+                        help="comma-separated, case-insensitive: " + ", ".join(OPTIMIZERS) + " (empty: whole step only)")
     parser.add_argument("--no-whole-step", dest="whole_step", action="store_false")
     args = parser.parse_args(argv)
+    by_lower = {k.lower(): k for k in OPTIMIZERS}
+    names = [by_lower.get(s.strip().lower()) for s in filter(None, args.only.split(","))]
+    if None in names:
+        parser.error(f"--only takes names from: {', '.join(OPTIMIZERS)}")
     setup_from_args(args)
     n = args.params
     report = Report(f"optimizer step, {n / 1e6:.0f}M parameters", reference="torch fused fp32")
-    for name in filter(None, args.only.split(",")):  # --only "" times the whole step alone
+    for name in names:  # --only "" times the whole step alone
         ref_cls, lite_cls, kw, states, second_pass = OPTIMIZERS[name]
         p_ref = torch.nn.Parameter(torch.randn(n))
         p_lite = torch.nn.Parameter(p_ref.detach().clone())

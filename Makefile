@@ -63,8 +63,10 @@ sys.exit(0 if u.get('dir_info', {}).get('editable') and here == os.path.realpath
 	echo "$(VPY) setup.py build_ext --inplace $$force"; \
 	"$(VPY)" setup.py build_ext --inplace $$force && mkdir -p build && echo "$$want" > build/.built-for
 
+# torch raises on a custom op whose outputs alias (instead of warning) only when CI is set;
+# the test target asks for it everywhere so that a local run fails where CI would.
 test: build
-	$(VPY) -m pytest -q tests
+	TORCHINDUCTOR_ERROR_ON_CUSTOM_OP_ALIASING=1 $(VPY) -m pytest -q tests
 
 # The main job: a launcher-wrapped inference run (allocator, OpenMP and core binding set by
 # ipex-lite-run), stock vs ipex_lite side by side, outputs checked to agree.

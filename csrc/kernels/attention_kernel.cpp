@@ -18,14 +18,9 @@ namespace kernels {
 namespace IPEX_LITE_ISA_NS {
 namespace {
 
-inline float load_elem(const float* p, int64_t i) { return p[i]; }
-inline float load_elem(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
-inline void store_elem(float* p, float v) { *p = v; }
-inline void store_elem(uint16_t* p, float v) { *p = f32_to_bf16(v); }
-
 template <typename T>
 void widen(const T* src, float* dst, int64_t n, float scale) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = load_elem(src, i) * scale;
+  for (int64_t i = 0; i < n; ++i) dst[i] = load_elem(src + i) * scale;
 }
 
 #if defined(__AVX512F__)
@@ -51,9 +46,6 @@ inline __m512 exp_nonpositive(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   return _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, n));
 }
-
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const uint16_t* p, __mmask16 m) { return bf16x16_to_f32(p, m); }
 
 inline __m512 unpack_pd(__m512 a, __m512 b, bool hi) {
   const __m512d x = _mm512_castps_pd(a), y = _mm512_castps_pd(b);
@@ -136,7 +128,7 @@ float softmax_row(float* s, int64_t valid, int64_t lk, const float* m, int64_t m
 template <typename T>
 void transpose_widen(const T* k, int64_t ld, int64_t n, int64_t e, float* kt) {
   for (int64_t j = 0; j < n; ++j)
-    for (int64_t c = 0; c < e; ++c) kt[c * n + j] = load_elem(k + j * ld, c);
+    for (int64_t c = 0; c < e; ++c) kt[c * n + j] = load_elem(k + j * ld + c);
 }
 
 float softmax_row(float* s, int64_t valid, int64_t lk, const float* m, int64_t ms) {

@@ -24,24 +24,6 @@ constexpr int64_t kChunk = 128;          // columns held in registers per pass
 // with none, 17 at 8, 14.5 at 24 or 32; fp32 flat from 8 to 32.
 constexpr int64_t kRowPrefetch = IPEX_LITE_EMB_PREFETCH;
 
-template <typename T>
-inline float load_elem(const T* p) {
-  if constexpr (std::is_same<T, float>::value) {
-    return *p;
-  } else {
-    return bf16_to_f32(*p);
-  }
-}
-
-template <typename T>
-inline void store_elem(T* p, float v) {
-  if constexpr (std::is_same<T, float>::value) {
-    *p = v;
-  } else {
-    *p = f32_to_bf16(v);
-  }
-}
-
 template <typename I>
 inline int64_t bag_end(const I* off, int64_t b, int64_t batch, bool include_last, int64_t nnz) {
   return (include_last || b + 1 < batch) ? static_cast<int64_t>(off[b + 1]) : nnz;
@@ -58,15 +40,6 @@ inline void prefetch_row(const T* w, int64_t w_stride, int64_t row, int64_t num_
 }
 
 #if defined(__AVX512F__)
-
-template <typename T>
-inline __m512 load16(const T* p, __mmask16 m) {
-  if constexpr (std::is_same<T, float>::value) {
-    return _mm512_maskz_loadu_ps(m, p);
-  } else {
-    return bf16x16_to_f32(p, m);
-  }
-}
 
 // Pools columns [k0, k0 + 16 * NV) of one bag; the last vector is masked.
 template <int NV, typename T, typename I>

@@ -287,11 +287,7 @@ inline void pack_rows_f32(const void* const* inputs, const int64_t* strides, int
     const T* src = static_cast<const T*>(inputs[i]) + b * strides[i];
     for (int64_t k = 0; k < d; k += 16) {
       const __mmask16 m = tail_mask16(d - k);
-      if constexpr (std::is_same<T, uint16_t>::value) {
-        _mm512_mask_storeu_ps(dst + i * d + k, m, bf16x16_to_f32(src + k, m));
-      } else {
-        _mm512_mask_storeu_ps(dst + i * d + k, m, _mm512_maskz_loadu_ps(m, src + k));
-      }
+      _mm512_mask_storeu_ps(dst + i * d + k, m, load16(src + k, m));
     }
   }
 }

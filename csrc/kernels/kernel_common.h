@@ -69,6 +69,12 @@ inline uint16_t f32_to_bf16(float f) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
+// One element of an fp32 or bf16 (uint16_t) buffer, computed with in fp32.
+inline float load_elem(const float* p) { return *p; }
+inline float load_elem(const uint16_t* p) { return bf16_to_f32(*p); }
+inline void store_elem(float* p, float v) { *p = v; }
+inline void store_elem(uint16_t* p, float v) { *p = f32_to_bf16(v); }
+
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Software prefetch that the optimiser cannot delete.  GCC 12 splits a small
@@ -114,6 +120,10 @@ inline __m512 bf16x16_to_f32(const uint16_t* src, __mmask16 m) {
   const __m256i raw = _mm256_maskz_loadu_epi16(m, src);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
+
+// 16 lanes (those in m) of an fp32 or bf16 buffer as fp32.
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 m) { return bf16x16_to_f32(p, m); }
 
 // Round to nearest even.  vcvtneps2bf16 flushes denormal results to zero
 // while the software path (and torch's .bfloat16()) keeps them, so the

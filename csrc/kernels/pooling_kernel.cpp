@@ -10,9 +10,6 @@ namespace kernels {
 namespace IPEX_LITE_ISA_NS {
 namespace {
 
-inline float widen(float v) { return v; }
-inline float widen(uint16_t v) { return bf16_to_f32(v); }
-
 // The window's valid input range along one axis for output position o.
 inline void window(int64_t o, int64_t size, int64_t k, int64_t s, int64_t p, int64_t d, int64_t* lo, int64_t* hi) {
   const int64_t start = o * s - p;
@@ -47,22 +44,13 @@ void max_pool(const MaxPoolArgs& a, int64_t begin, int64_t end) {
           const T* src = base + ((iy0 + ky * a.dilation[0]) * a.w + ix0) * c + c0;
           for (int64_t kx = kx0; kx < kx1; ++kx) {
             const T* p = src + kx * a.dilation[1] * c;
-            __m512 v;
-            if constexpr (std::is_same<T, float>::value) {
-              v = _mm512_maskz_loadu_ps(m, p);
-            } else {
-              v = bf16x16_to_f32(p, m);
-            }
+            const __m512 v = load16(p, m);
             // take v where v > best or v is NaN; a NaN already in best stays
             const __mmask16 take = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
             best = _mm512_mask_mov_ps(best, take, v);
           }
         }
-        if constexpr (std::is_same<T, float>::value) {
-          _mm512_mask_storeu_ps(dst + c0, m, best);
-        } else {
-          _mm256_mask_storeu_epi16(dst + c0, m, f32x16_to_bf16(best));
-        }
+        store16(dst + c0, best, m, false);
       }
 #else
       for (; c0 < c; ++c0) {
@@ -72,7 +60,7 @@ void max_pool(const MaxPoolArgs& a, int64_t begin, int64_t end) {
         for (int64_t ky = ky0; ky < ky1; ++ky)
           for (int64_t kx = kx0; kx < kx1; ++kx) {
             const T v = base[((iy0 + ky * a.dilation[0]) * a.w + ix0 + kx * a.dilation[1]) * c + c0];
-            const float f = widen(v);
+            const float f = load_elem(&v);
             // a NaN, once taken, stays
             if (!have || (best == best && (f > best || f != f))) {
               best = f;

@@ -508,8 +508,9 @@ def _default_fp32_kernel(m: PackedLinear) -> str:
 def _default_fp32_linear_kernels(model: nn.Module, report: Report) -> None:
     count = 0
     for _, m in _packed_layers(model):  # the caller checked fp32 and prepacking
-        if isinstance(m, PackedLinear) and _default_fp32_kernel(m) != m.kernel:
-            m.set_kernel(_default_fp32_kernel(m))
+        kernel = _default_fp32_kernel(m) if isinstance(m, PackedLinear) else None
+        if kernel is not None and kernel != m.kernel:
+            m.set_kernel(kernel)
             count += 1
     if count:
         report.add("", "fp32 Linear kernel", f"MKL packed sgemm for {count} layer(s) without an activation or with "
@@ -554,15 +555,25 @@ def _fastest(timing: Dict, default, margin: float = 0.03):
     return default if default in timing and timing[default] <= timing[best] * (1 + margin) else best
 
 
-def _variant(m: _Packed, configure) -> _Packed:
-    """A shallow copy of packed layer ``m`` (same parameters, its own pack cache) set up by
-    ``configure``: candidates timed side by side without repacking between calls."""
-    c = copy.copy(m)
-    c.packs = PackCache()
-    if hasattr(c, "inplace_add"):
-        c.inplace_add = False  # timing calls must not write into the captured residual
-    configure(c)
-    return c
+def _time_variants(m: _Packed, configures: Dict, args) -> Dict:
+    """Median time of ``m(*args)`` under each configuration, timed interleaved on shallow copies of
+    ``m`` (same parameters, their own pack cache) so that nothing repacks between calls."""
+    calls = {}
+    for key, configure in configures.items():
+        c = copy.copy(m)
+        c.packs = PackCache()
+        if hasattr(c, "inplace_add"):
+            c.inplace_add = False  # timing calls must not write into the captured residual
+        configure(c)
+        calls[key] = lambda c=c: c(*args)
+    return _time_interleaved(calls)
+
+
+def _set_compute(m: _Packed, dtype: torch.dtype, kernel: Optional[str]) -> None:
+    """A bf16 model's layer computes in ``dtype`` (output bf16); a Linear computing in fp32 uses ``kernel``."""
+    m.set_compute_dtype(dtype, torch.bfloat16)
+    if kernel is not None:
+        m.set_kernel(kernel)
 
 
 def _packed_layers(model):
@@ -633,8 +644,8 @@ def _choose_fp32_linear_kernels(model: nn.Module, args, report: Report) -> None:
         for name, m in layers:
             if name not in inputs:
                 continue
-            variants = {k: _variant(m, lambda c, k=k: c.set_kernel(k)) for k in PackedLinear.KERNELS}
-            timing = _time_interleaved({k: (lambda c=c: c(*inputs[name])) for k, c in variants.items()})
+            timing = _time_variants(m, {k: (lambda c, k=k: c.set_kernel(k)) for k in PackedLinear.KERNELS},
+                                    inputs[name])
             best = _fastest(timing, _default_fp32_kernel(m))
             m.set_kernel(best)
             report.add(name, "kernel", f"fp32 {best} (" + ", ".join(f"{k} {t * 1e3:.3f} ms" for k, t in
@@ -651,21 +662,14 @@ def _per_layer_choice(model: nn.Module, args, report: Report) -> None:
             continue
         fp32_kernels = m.KERNELS if isinstance(m, PackedLinear) else (None,)
         candidates = [(torch.bfloat16, None)] + [(torch.float32, k) for k in fp32_kernels]
-
-        def configure(c, dt, kernel):
-            c.set_compute_dtype(dt, torch.bfloat16)
-            if kernel is not None:
-                c.set_kernel(kernel)
-        variants = {cand: _variant(m, lambda c, cand=cand: configure(c, *cand)) for cand in candidates}
-        timing = _time_interleaved({cand: (lambda c=c: c(*inputs[name])) for cand, c in variants.items()})
+        timing = _time_variants(m, {cand: (lambda c, cand=cand: _set_compute(c, *cand)) for cand in candidates},
+                                inputs[name])
         best_dt, best_kernel = _fastest(timing, candidates[0])  # bf16 unless fp32 is clearly faster
-        configure(m, best_dt, best_kernel)
-
-        def label(dt, kernel):
-            return "bf16" if dt == torch.bfloat16 else "fp32" + (f" {kernel}" if kernel else "")
+        _set_compute(m, best_dt, best_kernel)
+        labels = {c: "bf16" if c[0] == torch.bfloat16 else " ".join(filter(None, ("fp32", c[1]))) for c in timing}
         report.add(name, "kernel", f"{str(best_dt).replace('torch.', '')} compute"
                    + (f", {best_kernel}" if best_kernel else "") + " ("
-                   + ", ".join(f"{label(*c)} {t * 1e3:.3f} ms" for c, t in timing.items()) + ")")
+                   + ", ".join(f"{labels[c]} {t * 1e3:.3f} ms" for c, t in timing.items()) + ")")
 
 
 def explain(model: nn.Module) -> str:

@@ -69,7 +69,6 @@ def _sdpa_fake(query, key, value, attn_mask=None, is_causal=False, scale=None):
     return query.new_empty((b, lq, h, value.shape[3])).permute(0, 2, 1, 3)
 
 
-
 @torch.library.register_fake("ipex_lite::winograd_conv2d")
 def _winograd_conv2d_fake(input, weight, bias, padding, out_channels, attr):
     op = "winograd_conv2d"
@@ -83,7 +82,6 @@ def _winograd_conv2d_fake(input, weight, bias, padding, out_channels, attr):
     out_h, out_w = h + 2 * padding[0] - 2, w + 2 * padding[1] - 2
     torch._check(out_h > 0 and out_w > 0, lambda: f"{op}: input is smaller than the 3x3 kernel")
     return input.new_empty((n, out_channels, out_h, out_w)).contiguous(memory_format=torch.channels_last)
-
 
 
 def _pooled_size(size, k, s, p, d, ceil_mode):

@@ -283,6 +283,49 @@ def test_auto_kernel_selection_times_fp32_linear_kernels(with_sample):
         assert_close_fp32(opt(x), model(x))
 
 
+class _ScaledMLP(nn.Module):
+    """Packed Linears around a module ipex_lite does not pack (its parameter is cast for bf16)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 8)
+        self.scale = nn.Parameter(torch.rand(32) + 0.5)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)) * self.scale)
+
+
+@pytest.mark.parametrize("winner", ["fp32", "bf16"])
+def test_auto_kernel_selection_keeps_the_configuration_it_timed_faster(monkeypatch, winner):
+    # Both whole-model configurations are built and timed in turn; the model must end up exactly
+    # in the winner's, whichever ran last.  The timings are forced; every candidate still runs.
+    from ipex_lite import _inference
+
+    def forced(calls, reps=7):
+        for fn in calls.values():
+            fn()
+        return {k: 0.5 if k == winner else 1.0 for k in calls}
+    monkeypatch.setattr(_inference, "_time_interleaved", forced)
+    torch.manual_seed(0)
+    model, x = _ScaledMLP().eval(), torch.randn(4, 16)
+    opt = ipex_lite.optimize(model, dtype=torch.bfloat16, auto_kernel_selection=True, sample_input=x)
+    layers = packed_modules(opt)
+    text = ipex_lite.explain(opt)
+    with torch.no_grad():
+        got, want = opt(x), model(x)
+    if winner == "fp32":
+        assert "whole model in fp32" in text, text
+        assert all(m.dtype == torch.float32 and m.out_dtype is None for m in layers)
+        assert opt.scale.dtype == torch.float32 and got.dtype == torch.float32
+        assert_close_fp32(got, want)
+    else:
+        assert "bf16 with per-layer kernels" in text, text
+        assert all(m.dtype == torch.bfloat16 and m.out_dtype is None for m in layers)
+        assert opt.scale.dtype == torch.bfloat16 and got.dtype == torch.bfloat16
+        assert (got.float() - want).abs().max().item() <= 0.05 * want.abs().max().item()
+    assert model.scale.dtype == torch.float32  # the user's model is untouched
+
+
 def test_auto_kernel_selection_per_layer_mix_is_consistent():
     model, x = make("bert")
     opt = ipex_lite.optimize(model, dtype=torch.bfloat16, sample_input=x)

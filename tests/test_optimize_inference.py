@@ -656,3 +656,24 @@ def test_bad_arguments():
         assert opt(torch.randn(2, 4).double()).dtype == torch.float32  # floating inputs compute in fp32
     with pytest.raises(RuntimeError):
         opt(torch.ones(2, 4, dtype=torch.int64))  # the stock dtype error
+
+
+def test_packs_follow_reassigned_parameters_and_bn_buffers():
+    # the pack-cache key reads the layer's tensors on every call: a new Parameter object, a `.data`
+    # swap or a replaced BatchNorm buffer must repack, as an in-place update (version bump) does
+    model, x = make("resnet")
+    opt = ipex_lite.optimize(model)
+    stem = opt.get_submodule("stem.0")
+    assert isinstance(stem, PackedConv) and stem.bn is not None
+    with torch.no_grad():
+        before = opt(x)
+        stem.weight = nn.Parameter(stem.weight.detach() * 2)
+        model_ref = copy.deepcopy(model)
+        model_ref.stem[0].weight.mul_(2)
+        assert_close_fp32(opt(x), model_ref(x))
+        stem.weight.data = stem.weight.data / 2
+        assert_close_fp32(opt(x), before)
+        stem.bn.running_mean = stem.bn.running_mean + 0.5
+        model_ref.stem[0].weight.div_(2)
+        model_ref.stem[1].running_mean += 0.5
+        assert_close_fp32(opt(x), model_ref(x))

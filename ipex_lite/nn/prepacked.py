@@ -70,9 +70,20 @@ UNARY = {
 def _shape_test(test) -> bool:
     """A test on shapes: a trace is specialised on its outcome (as on every
     shape), so the TracerWarning it raises while tracing says nothing new."""
+    if not torch.jit.is_tracing():  # eager calls skip catch_warnings (~3 us per call)
+        return bool(test())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         return bool(test())
+
+
+def _tensor_attr(m: nn.Module, name: str):
+    """``getattr(m, name, None)`` for a parameter, buffer or plain attribute, in nn.Module's lookup order."""
+    d = m.__dict__
+    for store in (d["_parameters"], d["_buffers"]):
+        if name in store:
+            return store[name]
+    return d.get(name)
 
 
 def _leaky(slope):
@@ -177,14 +188,17 @@ class _Packed(nn.Module):
         self.packs = PackCache()
 
     def _sources(self) -> List[torch.Tensor]:
-        ts = [self.weight] + ([self.bias] if self.bias is not None else [])
-        if self.bn is not None:
-            ts += [t for t in (self.bn.running_mean, self.bn.running_var, getattr(self.bn, "weight", None),
-                               getattr(self.bn, "bias", None)) if t is not None]
+        # read every call (a parameter may be reassigned), so without nn.Module.__getattr__'s frames:
+        # the pack-cache key is computed on every eager call
+        ts = [t for t in (_tensor_attr(self, "weight"), _tensor_attr(self, "bias")) if t is not None]
+        bn = self.__dict__["bn"]
+        if bn is not None:
+            ts += [t for t in (_tensor_attr(bn, "running_mean"), _tensor_attr(bn, "running_var"),
+                               _tensor_attr(bn, "weight"), _tensor_attr(bn, "bias")) if t is not None]
         return ts
 
     def _key(self):
-        return tuple((t.data_ptr(), t._version) for t in self._sources())
+        return tuple([(t.data_ptr(), t._version) for t in self._sources()])
 
     def _folded(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """fp32 weight and bias with the BatchNorm folded in (differentiable torch ops)."""

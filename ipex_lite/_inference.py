@@ -475,8 +475,8 @@ def optimize_for_inference(model: nn.Module, knobs: Knobs, sample_input=None) ->
         _use_fast_pooling(model, report)
     if knobs.conv_winograd and knobs.weights_prepack:
         _use_winograd(model, report)
-    if knobs.weights_prepack and knobs.dtype == torch.float32 and not knobs.auto_kernel_selection:
-        _default_fp32_linear_kernels(model, report)
+    if knobs.weights_prepack and knobs.dtype == torch.float32:
+        _default_fp32_linear_kernels(model, report)  # auto_kernel_selection with a sample refines them
     model.__dict__["_ipex_lite_report"] = report
     args = None if sample_input is None else sample_input if isinstance(sample_input, tuple) else (sample_input,)
     if knobs.dtype == torch.bfloat16:
@@ -486,8 +486,8 @@ def optimize_for_inference(model: nn.Module, knobs: Knobs, sample_input=None) ->
             _cast_rest_to_bf16(model, report)
     if knobs.auto_kernel_selection and knobs.weights_prepack:
         if args is None:
-            report.add("", "auto_kernel_selection", "fp32 Linear kernels: oneDNN (pass sample_input to time "
-                       "oneDNN, MKL and ATen per layer)")
+            report.add("", "auto_kernel_selection", "fp32 Linear kernels: the defaults (pass sample_input to "
+                       "time oneDNN, MKL and ATen per layer)")
         else:
             _choose_fp32_linear_kernels(model, args, report)
     if args is not None:
@@ -571,8 +571,16 @@ def _packed_layers(model):
 
 
 def _all_fp32(model: nn.Module) -> None:
+    """Every packed layer computes in fp32, Linears on their default fp32 kernel."""
     for _, m in _packed_layers(model):
         m.set_compute_dtype(torch.float32)
+        if isinstance(m, PackedLinear):
+            m.set_kernel(_default_fp32_kernel(m))
+
+
+def _layer_states(layers) -> list:
+    """Each packed layer's compute configuration and the pack cache built for it (see _use_config)."""
+    return [(m.dtype, m.out_dtype, getattr(m, "kernel", None), m.packs) for m in layers]
 
 
 def _select_kernels(model: nn.Module, args, report: Report) -> None:
@@ -593,19 +601,18 @@ def _select_kernels(model: nn.Module, args, report: Report) -> None:
         return
     layers = [m for _, m in _packed_layers(model)]
     with torch.no_grad():
+        # Both configurations stay built (each layer's packs for either) and are timed interleaved:
+        # on BERT they come within 2% of each other, closer than back-to-back timing can tell apart.
+        _all_fp32(model)
+        fp32 = _layer_states(layers)
+        for m in layers:
+            m.packs = PackCache()  # the bf16 side packs apart from the fp32 side
         undo = _cast_rest_to_bf16(model, report)
         recast = [(owner, name, getattr(owner, name)) for owner, name, _ in undo]
         for m in layers:
             m.set_compute_dtype(torch.bfloat16)
         _per_layer_choice(model, args, report)
-        # Both configurations stay built (each layer's packs for either) and are timed interleaved:
-        # on BERT they come within 2% of each other, closer than back-to-back timing can tell apart.
-        # The whole-fp32 side uses the fp32 default kernels it would run with.
-        configs = {
-            "fp32": (list(reversed(undo)), [(torch.float32, None, _default_fp32_kernel(m)
-                                             if isinstance(m, PackedLinear) else None, PackCache()) for m in layers]),
-            "bf16": (recast, [(m.dtype, m.out_dtype, getattr(m, "kernel", None), m.packs) for m in layers]),
-        }
+        configs = {"fp32": (list(reversed(undo)), fp32), "bf16": (recast, _layer_states(layers))}
 
         def run(name):
             _use_config(layers, *configs[name])

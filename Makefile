@@ -1,16 +1,24 @@
 # ipex_lite: `make test`, `make demo`, `make bench`; each creates/updates .venv itself.
 #
-#   make test TORCH_SPEC="torch==2.8.0"   # build and test against another torch
-#   make test TORCH_SPEC="torch==2.8.0" VENV=.venv-torch2.8   # ... in its own venv (the in-place
+# The default is current torch with its torchvision (the pair pip takes from this machine's
+# package cache for Python 3.11).  TORCH_SPEC is a space-separated list of requirements:
+#   make test TORCH_SPEC="torch==2.8.0 torchvision==0.23.0"   # build and test against another torch
+#   make test TORCH_SPEC="torch==2.13.0" VENV=.venv-2.13      # ... in its own venv (the in-place
 #                                         # extension is rebuilt whenever the torch in use changes)
+# Tests that need torchvision, timm or transformers skip (with the reason) where they do not import.
 #   make test PYTHON=python3.12           # base interpreter for a new .venv
 #
-# The venv is (re)populated only when TORCH_SPEC changes (stamp .venv/.deps-<spec>).
+# The venv is (re)populated only when TORCH_SPEC, HF_SPEC or TIMM_SPEC change (stamp .venv/.deps-<spec>).
 # `build` does the editable install once, then always `setup.py build_ext --inplace`
 # (ninja, incremental: seconds when little changed).
 
 PYTHON     ?= python3
-TORCH_SPEC ?= torch==2.13.0
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# Real-model test dependencies.  timm is installed without its dependencies so that it can never
+# replace the torch/torchvision pair above (its own non-torch dependencies are listed instead).
+HF_SPEC    ?= transformers==5.17.0
+TIMM_SPEC  ?= timm==1.0.29
+TIMM_DEPS  ?= pyyaml huggingface_hub safetensors
 PIP_ARGS   ?=
 VENV       ?= .venv
 VPY        := $(VENV)/bin/python
@@ -18,7 +26,7 @@ VPIP       := $(VPY) -m pip
 
 empty :=
 space := $(empty) $(empty)
-SPEC_TAG := $(subst $(space),_,$(subst /,_,$(subst *,x,$(subst <,lt,$(subst >,gt,$(subst =,,$(subst ~,,$(subst !,not,$(TORCH_SPEC)))))))))
+SPEC_TAG := $(subst $(space),_,$(subst /,_,$(subst *,x,$(subst <,lt,$(subst >,gt,$(subst =,,$(subst ~,,$(subst !,not,$(TORCH_SPEC) $(HF_SPEC) $(TIMM_SPEC)))))))))
 DEPS_STAMP := $(VENV)/.deps-$(SPEC_TAG)
 
 .PHONY: all venv build test demo bench sanitize clean distclean
@@ -34,34 +42,40 @@ $(DEPS_STAMP):
 	@if [ ! -x "$(VPY)" ]; then \
 		echo "make: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv "$(VENV)"; \
 	fi
-	$(VPIP) install $(PIP_ARGS) "$(TORCH_SPEC)" numpy pytest hypothesis ninja "setuptools>=64" wheel
+	$(VPIP) install $(PIP_ARGS) $(foreach r,$(TORCH_SPEC),'$(r)') numpy pytest hypothesis ninja "setuptools>=64" wheel
+	@# transformers does not depend on torch; pip must not change the torch just installed
+	$(VPIP) install $(PIP_ARGS) '$(HF_SPEC)' $(TIMM_DEPS) || echo "make: transformers not installable here; Hugging Face model tests will skip"
+	$(VPIP) install $(PIP_ARGS) --no-deps '$(TIMM_SPEC)' || echo "make: timm not installable here; timm model tests will skip"
 	@# scikit-learn ships the real dataset (digits) of the int8 accuracy tests; they skip without it
 	$(VPIP) install $(PIP_ARGS) scikit-learn || echo "make: scikit-learn not installable here; real-data int8 accuracy tests will skip"
 	$(VPIP) install $(PIP_ARGS) matplotlib || echo "make: matplotlib not installable here; the benchmark report will have no charts"
 	@rm -f $(VENV)/.deps-*
 	@touch "$@"
 
-# 1. Editable install when the venv does not have ipex_lite installed from this checkout.
-# 2. build_ext --inplace every time; --force (ninja still recompiles only what changed, then
+# 1. Editable install when the venv does not have ipex_lite installed from this checkout; it
+#    builds _C in place (in pip's scratch directory), so that build counts as current.
+# 2. Otherwise build_ext --inplace --force (ninja in build/ recompiles only what changed, then
 #    relinks) when the .so is missing, older than csrc/, setup.py or the deps stamp, or was built
 #    for another venv/torch (build/.built-for), since setuptools alone notices none of these.
 build: venv
-	@if ! "$(VPY)" -c "import importlib.metadata as m, json, os, sys, urllib.parse as up; \
+	@want="$$("$(VPY)" -c 'import sys, torch; print(sys.prefix, torch.__version__)')"; \
+	if ! "$(VPY)" -c "import importlib.metadata as m, json, os, sys, urllib.parse as up; \
 d = m.distribution('ipex_lite'); u = json.loads(d.read_text('direct_url.json') or '{}'); \
 here = os.path.realpath(up.unquote(up.urlparse(u.get('url', '')).path)); \
 sys.exit(0 if u.get('dir_info', {}).get('editable') and here == os.path.realpath('.') else 1)" \
 			>/dev/null 2>&1 || ! "$(VPY)" -c "import ipex_lite.launcher" >/dev/null 2>&1; then \
 		echo "make: installing ipex_lite (editable) into $(VENV)"; \
-		$(VPIP) install $(PIP_ARGS) --no-build-isolation --no-deps -e . ; \
-	fi
-	@so=$$(ls ipex_lite/_C*.so 2>/dev/null | head -n 1); force=; \
-	want="$$("$(VPY)" -c 'import sys, torch; print(sys.prefix, torch.__version__)')"; \
-	if [ -z "$$so" ] || [ "$$(cat build/.built-for 2>/dev/null)" != "$$want" ] \
-			|| [ -n "$$(find csrc setup.py $(DEPS_STAMP) -newer "$$so" -print -quit 2>/dev/null)" ]; then \
-		force=--force; \
+		$(VPIP) install $(PIP_ARGS) --no-build-isolation --no-deps -e . || exit 1; \
+		if ls ipex_lite/_C*.so >/dev/null 2>&1; then mkdir -p build && echo "$$want" > build/.built-for; fi; \
 	fi; \
-	echo "$(VPY) setup.py build_ext --inplace $$force"; \
-	"$(VPY)" setup.py build_ext --inplace $$force && mkdir -p build && echo "$$want" > build/.built-for
+	so=$$(ls ipex_lite/_C*.so 2>/dev/null | head -n 1); \
+	if [ -z "$$so" ] || [ "$$(cat build/.built-for 2>/dev/null)" != "$$want" ] \
+			|| [ -n "$$(find csrc setup.py ipex_lite/_linkcheck.py $(DEPS_STAMP) -newer "$$so" -print -quit 2>/dev/null)" ]; then \
+		echo "$(VPY) setup.py build_ext --inplace --force"; \
+		"$(VPY)" setup.py build_ext --inplace --force && mkdir -p build && echo "$$want" > build/.built-for; \
+	else \
+		echo "make: $$so is up to date"; \
+	fi
 
 # torch raises on a custom op whose outputs alias (instead of warning) only when CI is set;
 # the test target asks for it everywhere so that a local run fails where CI would.

@@ -6,15 +6,58 @@ headers and are compiled once per ISA level, each into its own namespace, with
 that level's -m flags; the runtime picks a level with cpuid (csrc/dispatch).
 """
 import glob
+import importlib.util
 import os
 import subprocess
 import sys
 import tempfile
 
 from setuptools import find_packages, setup
+from setuptools.errors import LinkError
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_linkcheck():
+    # by path: importing the ipex_lite package needs the very module being built
+    spec = importlib.util.spec_from_file_location("_ipex_lite_linkcheck", os.path.join(ROOT, "ipex_lite", "_linkcheck.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+linkcheck = _load_linkcheck()
+
+# libstdc++ and libgcc are always linked dynamically (DESIGN.md, "Building"): a private copy of
+# libstdc++ in _C has its own locale facet ids and the first number formatted into a TORCH_CHECK
+# message crashes or is cut.  These flags are dropped from wherever the build environment brings
+# them (environment variables, sysconfig's LDSHARED/CFLAGS), and the linked module is verified.
+STATIC_RUNTIME_FLAGS = {"-static", "-static-libstdc++", "-static-libgcc", "-static-pie"}
+FLAG_VARIABLES = ("LDFLAGS", "CFLAGS", "CXXFLAGS", "CPPFLAGS", "LDSHARED", "LDCXXSHARED", "CC", "CXX")
+
+
+def _without_static(args, origin):
+    kept = [a for a in args if a not in STATIC_RUNTIME_FLAGS]
+    dropped = [a for a in args if a in STATIC_RUNTIME_FLAGS]
+    if dropped:
+        print(f"ipex_lite: ignoring {' '.join(dropped)} from {origin}: libstdc++ and libgcc are linked "
+              "dynamically (a private libstdc++ breaks error messages)", file=sys.stderr)
+    return kept
+
+
+def _clean_environment():
+    import shlex
+    for var in FLAG_VARIABLES:
+        value = os.environ.get(var)
+        if value:
+            args = shlex.split(value)
+            kept = _without_static(args, var)
+            if kept != args:
+                os.environ[var] = shlex.join(kept)
+
+
+_clean_environment()
 
 # Order matters: each level is a superset of the previous one.
 ISA_LEVELS = [
@@ -25,6 +68,12 @@ ISA_LEVELS = [
     ("avx512_bf16", ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw",
                      "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni",
                      "-mprefer-vector-width=512"]),
+]
+# Levels that run another level's kernel objects (csrc/dispatch/isa.h): no kernel of ours uses AMX
+# tiles yet, so amx is avx512_bf16 on a CPU and OS with AMX; it is built when the compiler accepts
+# the AMX flags, which a tile kernel will be compiled with.
+ALIAS_LEVELS = [
+    ("amx", "avx512_bf16", ISA_LEVELS[-1][1] + ["-mamx-tile", "-mamx-bf16", "-mamx-int8"]),
 ]
 # -Wno-(maybe-)uninitialized: GCC 12 false positives inside its own avx512 intrinsics
 # (the _mm512_undefined_* placeholders); kernel files only.
@@ -72,6 +121,9 @@ def built_levels():
                   file=sys.stderr)
             break
         levels.append((name, flags))
+    for name, runs, flags in ALIAS_LEVELS:
+        if levels[-1][0] == runs and _compiler_accepts(flags):
+            levels.append((name, None))  # None: no kernel objects of its own
     return levels
 
 
@@ -84,7 +136,26 @@ class BuildWithIsaKernels(BuildExtension):
 
     levels = ISA_LEVELS
 
+    def _clean_compiler(self):
+        # what sysconfig (Python's own build flags) brings, after the environment was cleaned
+        for attr in ("compiler", "compiler_so", "compiler_cxx", "compiler_so_cxx", "linker_so",
+                     "linker_so_cxx", "linker_exe", "linker_exe_cxx"):
+            cmd = getattr(self.compiler, attr, None)
+            if isinstance(cmd, list):
+                setattr(self.compiler, attr, _without_static(cmd, f"the compiler's {attr} (sysconfig)"))
+
+    def _verify_link(self, ext):
+        path = self.get_ext_fullpath(ext.name)
+        result = linkcheck.check(path)
+        if result["ok"] is False:
+            os.remove(path)  # never leave it to be copied in place or picked up as up to date
+            raise LinkError(f"ipex_lite: the linked extension is unusable: {result['problem']}")
+        if result["ok"] is None:
+            print(f"ipex_lite: link check skipped: {result['problem']}", file=sys.stderr)
+
     def build_extension(self, ext):
+        self._clean_compiler()
+        ext.extra_link_args = _without_static(list(ext.extra_link_args or []), "extra_link_args")
         kernel_sources = sorted(os.path.relpath(p, ROOT)
                                 for p in glob.glob(os.path.join(ROOT, "csrc", "kernels", "*_kernel.cpp")))
         base = ext.extra_compile_args
@@ -92,6 +163,8 @@ class BuildWithIsaKernels(BuildExtension):
         base = [f for f in base if f not in OP_CFLAGS and f not in OPENMP_FLAGS]
         objects = []
         for name, flags in self.levels:
+            if flags is None:
+                continue
             objects += self.compiler.compile(
                 kernel_sources,
                 output_dir=os.path.join(self.build_temp, f"isa_{name}"),
@@ -101,6 +174,7 @@ class BuildWithIsaKernels(BuildExtension):
             )
         ext.extra_objects = list(ext.extra_objects or []) + objects
         super().build_extension(ext)
+        self._verify_link(ext)
 
 
 def make_extension(levels):
@@ -115,6 +189,7 @@ def make_extension(levels):
         define_macros=macros,
         extra_compile_args={"cxx": list(OP_CFLAGS) + OPENMP_FLAGS},
         extra_link_args=OPENMP_FLAGS + SANITIZE_FLAGS,
+        language="c++",  # link with the C++ driver, which adds libstdc++ as a NEEDED library
         # Kernel objects are linked in as extra_objects: list their sources so a
         # kernel-only change relinks the module.
         depends=glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/kernels/*.cpp"),

@@ -55,7 +55,7 @@ PyObject* isa_info(PyObject*, PyObject*) {
       set_flag(info, "avx512_fp16", f.avx512_fp16) == 0 && set_flag(info, "avx_vnni", f.avx_vnni) == 0 &&
       set_flag(info, "amx_tile", f.amx_tile) == 0 && set_flag(info, "amx_bf16", f.amx_bf16) == 0 &&
       set_flag(info, "amx_int8", f.amx_int8) == 0 && set_flag(info, "os_avx512", f.os_avx512) == 0 &&
-      set_flag(info, "os_amx", f.os_amx) == 0;
+      set_flag(info, "os_amx", f.os_amx) == 0 && set_flag(info, "amx_permitted", f.amx_permitted) == 0;
   if (!ok) {
     Py_DECREF(info);
     return nullptr;

@@ -18,10 +18,13 @@ __all__ = ["aten_overrides", "available_aten_overrides", "disable_aten_overrides
 
 
 def cpu_capability() -> str:
-    """ISA level the kernels run at: 'default', 'avx2', 'avx512' or 'avx512_bf16'.
+    """ISA level the kernels run at: 'default', 'avx2', 'avx512', 'avx512_bf16' or 'amx'.
 
     It is min(what the CPU supports, what was compiled), lowered by the
-    environment variable IPEX_LITE_ISA when that is set before import.
+    environment variable IPEX_LITE_ISA when that is set before import.  'amx'
+    is an avx512_bf16 CPU whose OS grants this process the AMX tile state
+    (oneDNN then runs bf16/int8 GEMMs and convolutions on tiles); ipex_lite's
+    own kernels run their avx512_bf16 code there.
     """
     return _C.cpu_capability()
 

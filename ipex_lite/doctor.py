@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-LEVELS = ("default", "avx2", "avx512", "avx512_bf16")
+LEVELS = ("default", "avx2", "avx512", "avx512_bf16", "amx")
 
 JEMALLOC_PATH = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 TCMALLOC_PATH = "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4"
@@ -35,6 +35,7 @@ FEATURES = (
     ("avx_vnni", "AVX_VNNI"), ("avx512_fp16", "AVX512_FP16"),
     ("amx_tile", "AMX tile"), ("amx_bf16", "AMX bf16"), ("amx_int8", "AMX int8"),
     ("os_avx512", "OS saves AVX-512 state"), ("os_amx", "OS enabled AMX state"),
+    ("amx_permitted", "AMX granted to process"),
 )
 
 
@@ -251,6 +252,16 @@ def _safe(fn, default=None):
         return default
 
 
+def _link_info() -> Dict[str, object]:
+    """setup.py's post-link check, run on the installed _C (found by path, not imported)."""
+    from . import _linkcheck
+    path = _linkcheck.installed_module()
+    if path is None:
+        return {"ok": None, "path": None, "needed": [], "internals": [],
+                "problem": "no built ipex_lite._C next to the package"}
+    return _linkcheck.check(path)
+
+
 def _ipex_lite_info() -> Dict[str, object]:
     try:
         import ipex_lite
@@ -281,6 +292,7 @@ def collect() -> Dict[str, object]:
                          ipex_lite=ipex.get("version"),
                          platform=platform.platform()),
         "ipex_lite": {k: v for k, v in ipex.items() if k != "isa"},
+        "build": _link_info(),
         "cpu": {
             "vendor": isa.get("vendor"),
             "brand": isa.get("brand") or _cpuinfo_model_name(),
@@ -312,6 +324,9 @@ def recommendations(info: Dict[str, object]) -> List[str]:
     Missing sections are treated as unknown, so a partial dict (as in tests) works.
     """
     recs: List[str] = []
+    build = info.get("build") or {}
+    if build.get("ok") is False:
+        recs.append(f"BROKEN BUILD: {build.get('problem')}")
     cpu = info.get("cpu") or {}
     feats = info.get("features") or {}
     omp = info.get("openmp") or {}
@@ -328,7 +343,10 @@ def recommendations(info: Dict[str, object]) -> List[str]:
     else:
         msg = ("no AMX on this CPU: bf16 matmul will not beat fp32; prefer int8 (VNNI) or fp32 for "
                "compute-bound layers, bf16 for memory-bound ops (embeddings, interaction).")
-        if cpu.get("kernel_reports_amx"):
+        if feats.get("amx_tile") and not feats.get("amx_permitted"):
+            msg += (" (The CPU and OS have AMX but Linux refused this process the tile state: "
+                    "arch_prctl(ARCH_REQ_XCOMP_PERM) failed; a seccomp filter or an old kernel?)")
+        elif cpu.get("kernel_reports_amx"):
             msg += (" (The kernel lists AMX flags but the OS has not enabled AMX state for this "
                     "process; a newer kernel or hypervisor setting would expose it.)")
         recs.append(msg)
@@ -421,6 +439,15 @@ def format_report(info: Dict[str, object], recs: List[str]) -> str:
     row("ipex_lite", f"{v.get('ipex_lite')} ({ipex.get('path', ipex.get('error'))})")
     row("platform", v.get("platform"))
     lines.append("")
+    build = info.get("build", {})
+    lines.append("Build")
+    ok = build.get("ok")
+    row("libstdc++", "linked dynamically (libstdc++.so.6 NEEDED, no private copy)" if ok
+        else "PRIVATE COPY: error messages break (see Recommendations)" if ok is False
+        else f"not checked ({build.get('problem')})")
+    row("_C", build.get("path"))
+    row("NEEDED", ", ".join(build.get("needed") or []) or "-")
+    lines.append("")
     lines.append("CPU")
     row("brand", cpu.get("brand"))
     row("vendor", cpu.get("vendor"))
@@ -435,7 +462,7 @@ def format_report(info: Dict[str, object], recs: List[str]) -> str:
     labels = dict(FEATURES)
     for key in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16",
                 "avx512_vnni", "avx_vnni", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
-                "os_avx512", "os_amx"):
+                "os_avx512", "os_amx", "amx_permitted"):
         row(labels[key], _yes(feats.get(key)))
     lines.append("")
     lines.append("Threads")

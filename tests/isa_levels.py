@@ -9,7 +9,7 @@ import pytest
 
 import ipex_lite
 
-LEVELS = ["default", "avx2", "avx512", "avx512_bf16"]
+LEVELS = ["default", "avx2", "avx512", "avx512_bf16", "amx"]
 
 
 def run_at_level(level: str, script: str) -> dict:

@@ -12,7 +12,7 @@ import ipex_lite
 from ipex_lite import doctor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LEVELS = ["default", "avx2", "avx512", "avx512_bf16"]
+LEVELS = ["default", "avx2", "avx512", "avx512_bf16", "amx"]
 PROBE = "import ipex_lite; print(ipex_lite.cpu_capability())"
 
 
@@ -72,6 +72,25 @@ def test_cpu_level_consistent_with_flags(info):
         assert info["avx512f"] and info["avx512bw"] and info["avx512vl"] and info["avx512dq"]
     if level >= rank("avx512_bf16"):
         assert info["avx512_bf16"]
+    if level >= rank("amx"):
+        assert info["amx_tile"] and info["amx_bf16"] and info["amx_int8"] and info["os_amx"] and info["amx_permitted"]
+
+
+def test_amx_is_named_when_cpu_and_os_have_it(info):
+    """An AMX host reports 'amx' (not 'avx512_bf16') as its CPU level and, built with AMX flags, as
+    cpu_capability(); the amx level runs the avx512_bf16 kernels, so every op works there."""
+    amx = all(info[k] for k in ("avx512_bf16", "amx_tile", "amx_bf16", "amx_int8", "os_amx", "amx_permitted"))
+    assert (info["cpu_level"] == "amx") == (amx and rank(info["cpu_level"]) >= rank("avx512_bf16"))
+    if amx and info["built_level"] == "amx":
+        assert ipex_lite.cpu_capability() == "amx" or os.environ.get("IPEX_LITE_ISA")
+    r = run_python(["-c", "import torch, ipex_lite; print(ipex_lite.cpu_capability()); "
+                          "print(torch.ops.ipex_lite.interaction_forward([torch.ones(2, 16)] * 3).sum().item())"],
+                   isa="amx")
+    assert r.returncode == 0, r.stderr
+    level, total = r.stdout.split()
+    assert level == ("amx" if amx and info["built_level"] == "amx" else
+                     LEVELS[min(rank(info["cpu_level"]), rank(info["built_level"]))])
+    assert float(total) > 0
 
 
 def _supported_levels():
@@ -276,3 +295,100 @@ def test_kernels_keep_their_software_prefetches():
     funcs = _functions_with("prefetch")
     for kernel in ("forward_impl<float", "forward_impl<unsigned short", "update_impl<float"):
         assert any(kernel in f for f in funcs), f"no prefetch instruction left in {kernel}"
+
+
+# ----------------------------------------------------------------------------- linking (issue 22)
+
+def test_built_module_links_the_process_libstdcxx():
+    """_C must list libstdc++.so.6 as NEEDED and define none of libstdc++'s internals: a private
+    copy formats numbers through locale facets the process never registered."""
+    from ipex_lite import _C, _linkcheck
+    result = _linkcheck.check(_C.__file__)
+    assert result["ok"] is True, result["problem"]
+    assert "libstdc++.so.6" in result["needed"]
+    assert "libgcc_s.so.1" in result["needed"] or not any("gcc" in n for n in result["needed"])
+    assert result["internals"] == []
+
+
+def test_error_message_with_numbers_arrives_complete():
+    with pytest.raises(RuntimeError) as e:
+        torch.ops.ipex_lite.interaction_forward([torch.randn(4, 8), torch.randn(5, 8)])
+    assert "interaction_forward: inputs[1] has batch size 5 but inputs[0] has 4" in str(e.value)
+    # wide and negative int64 values take the same formatting path
+    w = torch.randn(10, 4)
+    for bad in (12345678901, -7):
+        with pytest.raises(RuntimeError) as e:
+            torch.ops.ipex_lite.merged_embedding_bag_forward([w], [torch.tensor([0, bad])], [torch.tensor([0])], 0,
+                                                             False, [])
+        assert f"indices[0][1] = {bad} is out of range for table 0 with 10 rows" in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def tiny_libs(tmp_path_factory):
+    """A C++ shared object linked with and without -static-libstdc++ (the broken build's recipe)."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    d = tmp_path_factory.mktemp("link")
+    src = d / "fmt.cpp"
+    src.write_text("#include <sstream>\n#include <string>\n"
+                   "std::string fmt(unsigned long v) { std::ostringstream s; s << v; return s.str(); }\n")
+    out = {}
+    for name, flags in (("dynamic", []), ("static", ["-static-libstdc++", "-static-libgcc"])):
+        so = d / f"{name}.so"
+        r = subprocess.run([cxx, "-shared", "-fPIC", *flags, str(src), "-o", str(so)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"{cxx} cannot build the probe: {r.stderr[-300:]}")
+        out[name] = str(so)
+    return out
+
+
+def test_link_check_refuses_a_private_libstdcxx(tiny_libs):
+    from ipex_lite import _linkcheck
+    good = _linkcheck.check(tiny_libs["dynamic"])
+    assert good["ok"] is True and "libstdc++.so.6" in good["needed"], good
+    bad = _linkcheck.check(tiny_libs["static"])
+    assert bad["ok"] is False
+    assert "libstdc++.so.6" not in bad["needed"]
+    assert any(s.startswith("_ZNSo9_M_insertI") for s in bad["internals"]), bad["internals"][:5]
+    for words in ("is not among its NEEDED libraries", "defines libstdc++ internals", "-static-libstdc++",
+                  "LDFLAGS", "rebuild"):
+        assert words in bad["problem"], words
+
+
+def test_link_check_on_a_file_that_is_not_elf(tmp_path):
+    from ipex_lite import _linkcheck
+    p = tmp_path / "x.so"
+    p.write_bytes(b"not an elf")
+    r = _linkcheck.check(str(p))
+    assert r["ok"] is None and "not an ELF file" in r["problem"]
+    assert _linkcheck.check(str(tmp_path / "missing.so"))["ok"] is None
+
+
+def test_doctor_reports_the_link_check():
+    info = doctor.collect()
+    assert info["build"]["ok"] is True, info["build"]
+    text = doctor.format_report(info, doctor.recommendations(info))
+    assert "linked dynamically" in text and "libstdc++.so.6" in text
+    broken = dict(info, build={"ok": False, "problem": "_C.so: libstdc++.so.6 is not among its NEEDED libraries"})
+    recs = doctor.recommendations(broken)
+    assert any(r.startswith("BROKEN BUILD:") and "NEEDED" in r for r in recs)
+    assert "PRIVATE COPY" in doctor.format_report(broken, recs)
+
+
+def test_setup_drops_static_runtime_flags_from_the_environment():
+    """setup.py's flag filter, run in a child that imports setup.py's helpers without building."""
+    code = (
+        "import os, runpy, sys, setuptools\n"
+        "setuptools.setup = lambda **kw: None\n"  # the module calls setup() at the end
+        "os.environ['LDFLAGS'] = '-L/opt/x -static-libstdc++ -Wl,-O1 -static-libgcc'\n"
+        "os.environ['CFLAGS'] = '-O2 -static'\n"
+        "g = runpy.run_path('setup.py')\n"
+        "print(os.environ['LDFLAGS']); print(os.environ['CFLAGS'])\n"
+        "print(g['_without_static'](['g++', '-shared', '-static', '-o', 'x'], 'test'))\n")
+    r = run_python(["-c", code])
+    assert r.returncode == 0, r.stderr
+    ldflags, cflags, cmd = r.stdout.strip().splitlines()[-3:]
+    assert ldflags == "-L/opt/x -Wl,-O1" and cflags == "-O2"
+    assert cmd == "['g++', '-shared', '-o', 'x']"
+    assert "ignoring -static-libstdc++ -static-libgcc from LDFLAGS" in r.stderr

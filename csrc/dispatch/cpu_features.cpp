@@ -8,6 +8,10 @@
 #include <cpuid.h>
 #define IPEX_LITE_X86 1
 #endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace ipex_lite {
 namespace dispatch {
@@ -22,6 +26,17 @@ uint64_t xgetbv0() {
   uint32_t lo, hi;
   __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
   return (static_cast<uint64_t>(hi) << 32) | lo;
+}
+
+// Linux hands out the AMX tile data state per process, on request (kernel >= 5.16); oneDNN asks
+// the same, so asking here changes nothing for torch.  Other OSes: XCR0 alone decides.
+bool request_amx_permission() {
+#if defined(__linux__) && defined(__x86_64__)
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return true;
+#endif
 }
 #endif
 
@@ -82,6 +97,7 @@ CpuFeatures detect() {
   }
   f.fma = f.fma && f.os_avx;
   f.f16c = f.f16c && f.os_avx;
+  f.amx_permitted = f.amx_tile && request_amx_permission();
 #endif
   return f;
 }
@@ -92,7 +108,7 @@ IsaLevel env_level(IsaLevel fallback) {
   IsaLevel requested;
   if (!parse_isa_name(env, &requested)) {
     std::fprintf(stderr,
-                 "ipex_lite: IPEX_LITE_ISA='%s' is not one of default|avx2|avx512|avx512_bf16; "
+                 "ipex_lite: IPEX_LITE_ISA='%s' is not one of default|avx2|avx512|avx512_bf16|amx; "
                  "using %s\n", env, isa_name(fallback));
     return fallback;
   }
@@ -117,6 +133,8 @@ IsaLevel cpu_isa_level() {
   const bool avx2 = f.avx2 && f.fma && f.f16c;
   const bool avx512 = avx2 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
   const bool bf16 = avx512 && f.avx512_bf16 && f.avx512_vnni;
+  const bool amx = bf16 && f.amx_tile && f.amx_bf16 && f.amx_int8 && f.amx_permitted;
+  if (amx) return IsaLevel::kAmx;
   if (bf16) return IsaLevel::kAvx512Bf16;
   if (avx512) return IsaLevel::kAvx512;
   if (avx2) return IsaLevel::kAvx2;
@@ -124,7 +142,9 @@ IsaLevel cpu_isa_level() {
 }
 
 IsaLevel built_isa_level() {
-#if defined(IPEX_LITE_HAS_AVX512_BF16)
+#if defined(IPEX_LITE_HAS_AMX) && defined(IPEX_LITE_HAS_AVX512_BF16)
+  return IsaLevel::kAmx;
+#elif defined(IPEX_LITE_HAS_AVX512_BF16)
   return IsaLevel::kAvx512Bf16;
 #elif defined(IPEX_LITE_HAS_AVX512)
   return IsaLevel::kAvx512;
@@ -149,12 +169,13 @@ const char* isa_name(IsaLevel level) {
     case IsaLevel::kAvx2: return "avx2";
     case IsaLevel::kAvx512: return "avx512";
     case IsaLevel::kAvx512Bf16: return "avx512_bf16";
+    case IsaLevel::kAmx: return "amx";
     default: return "default";
   }
 }
 
 bool parse_isa_name(const std::string& name, IsaLevel* out) {
-  for (int i = 0; i <= static_cast<int>(IsaLevel::kAvx512Bf16); ++i) {
+  for (int i = 0; i <= static_cast<int>(IsaLevel::kAmx); ++i) {
     const auto level = static_cast<IsaLevel>(i);
     if (name == isa_name(level)) {
       *out = level;

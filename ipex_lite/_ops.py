@@ -298,7 +298,10 @@ torch.library.register_autograd("ipex_lite::frozen_batch_norm", _frozen_bn_backw
 def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
     torch._check(input.dim() == 4, lambda: "roi_align_forward: input must be (N, C, H, W)")
     torch._check(rois.dim() == 2 and rois.shape[1] == 5, lambda: "roi_align_forward: rois must be (K, 5)")
-    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+    out = input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+    if not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 @torch.library.register_fake("ipex_lite::roi_align_backward")

@@ -604,3 +604,92 @@ def test_advise_hugepages():
     with torch.device("meta"):
         assert ops.advise_hugepages(torch.empty(8 << 20)) is False  # fake kernel
     torch.library.opcheck(ops.advise_hugepages, (torch.empty(16),))
+
+
+# ---------------------------------------------------------------- float64 / float16 tables (IPEX accepts them)
+
+WIDE_TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+@pytest.mark.parametrize("mode,sparse", [("sum", False), ("mean", False), ("max", False), ("sum", True),
+                                         ("mean", True)])  # sparse gradients: sum and mean only
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("include_last", [False, True])
+def test_float64_float16_tables_match_embeddingbag(dtype, mode, sparse, index_dtype, include_last):
+    tables = make_tables(ROWS, 12, mode, dtype, include_last, sparse=sparse)
+    merged = MergedEmbeddingBag.from_embeddingbag_list(tables)
+    assert all(w.dtype == dtype for w in merged.weights)
+    indices, offsets = make_batch(ROWS, 9, 5, seed=3, index_dtype=index_dtype, include_last=include_last)
+    out = merged(indices, offsets)
+    ref = [t(i, o) for t, i, o in zip(tables, indices, offsets)]
+    grads = [torch.randn(r.shape, dtype=dtype) for r in ref]
+    for a, b in zip(out, ref):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, **WIDE_TOL[dtype])
+    torch.autograd.backward(out, grads)
+    torch.autograd.backward(ref, grads)
+    for w, t in zip(merged.weights, tables):
+        assert w.grad.dtype == dtype and w.grad.is_sparse == sparse
+        torch.testing.assert_close(w.grad.to_dense(), t.weight.grad.to_dense(), **WIDE_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_float64_float16_per_sample_weights_flat_layout_and_cat(dtype):
+    tables = make_tables(ROWS, 8, "sum", dtype, include_last=True)
+    merged = MergedEmbeddingBag.from_embeddingbag_list(tables)
+    indices, offsets = make_batch(ROWS, 6, 4, seed=5, include_last=True)
+    psw = [torch.rand(i.shape, dtype=dtype) for i in indices]
+    for got, t, i, o, p in zip(merged(indices, offsets, psw), tables, indices, offsets, psw):
+        torch.testing.assert_close(got, t(i, o, per_sample_weights=p), **WIDE_TOL[dtype])
+    # torchrec's flat layout: values table-major, T*B+1 offsets
+    values = torch.cat(indices)
+    starts = torch.cumsum(torch.tensor([0] + [i.numel() for i in indices[:-1]]), 0)
+    flat = torch.cat([o[:-1] + s for o, s in zip(offsets, starts)] + [torch.tensor([values.numel()])])
+    for a, b in zip(merged(values, flat), merged(indices, offsets)):
+        torch.testing.assert_close(a, b)
+    cat = MergedEmbeddingBagWithCat.from_embeddingbag_list(tables)
+    dense = torch.randn(6, 8, dtype=dtype, requires_grad=True)
+    got = cat(dense, indices, offsets)
+    torch.testing.assert_close(got, torch.cat([dense] + [t(i, o) for t, i, o in zip(tables, indices, offsets)], 1),
+                               **WIDE_TOL[dtype])
+    got.sum().backward()
+    assert torch.equal(dense.grad, torch.ones_like(dense))
+
+
+def test_float64_tables_bad_inputs_raise_clearly():
+    tables = make_tables([5, 7], 4, "sum", torch.float64)
+    merged = MergedEmbeddingBag.from_embeddingbag_list(tables)
+    ok_i = [torch.tensor([0, 1, 2]), torch.tensor([3, 6])]
+    ok_o = [torch.tensor([0, 2]), torch.tensor([0, 1])]
+    cases = [
+        (([torch.tensor([0, 1, 5]), ok_i[1]], ok_o), IndexError, r"indices\[0\]\[2\] = 5 is out of range for table 0 "
+                                                                 r"with 5 rows"),
+        (([ok_i[0], torch.tensor([3, -1])], ok_o), IndexError, r"indices\[1\]\[1\] = -1 is out of range"),
+        ((ok_i, [torch.tensor([1, 2]), ok_o[1]]), ValueError, r"offsets\[0\]\[0\] must be 0, got 1"),
+        ((ok_i, [torch.tensor([0, 2]), torch.tensor([0, 3])]), ValueError,
+         r"offsets\[1\] ends at 3 but indices\[1\] has 2 entries"),
+        (([torch.tensor([0, 1, 2, 3]), ok_i[1]], [torch.tensor([0, 3, 1]), torch.tensor([0, 1, 2])]), ValueError,
+         r"offsets\[0\] must be non-decreasing"),
+        ((ok_i, [ok_o[0], torch.tensor([0, 1, 2])]), ValueError, r"table 1 has 3 bags but table 0 has 2"),
+        (([ok_i[0].int(), ok_i[1]], ok_o), ValueError, r"must both be int32 or both int64"),
+        (([ok_i[0].float(), ok_i[1]], ok_o), ValueError, r"must both be int32 or both int64"),
+        ((ok_i[:1], ok_o[:1]), ValueError, r"expected 2 indices and offsets tensors, got 1 and 1"),
+    ]
+    for (indices, offsets), exc, message in cases:
+        with pytest.raises(exc, match=message):
+            merged(indices, offsets)
+    with pytest.raises(ValueError, match=r"per_sample_weights\[0\] must have one torch.float64 weight per index"):
+        merged(ok_i, ok_o, [torch.rand(3), torch.rand(2, dtype=torch.float64)])
+    # empty batch: zero bags in every table
+    assert [o.shape for o in merged([torch.tensor([], dtype=torch.long)] * 2, [torch.tensor([], dtype=torch.long)] * 2)] \
+        == [(0, 4), (0, 4)]
+
+
+def test_fused_update_modules_refuse_float64_tables_with_a_reason():
+    specs = [EmbeddingSpec(10, 4, "sum", torch.float64)]
+    for cls in (MergedEmbeddingBagWithSGD, MergedEmbeddingBagWithAdaGrad):
+        with pytest.raises(ValueError, match="fused update kernels take float32 or bfloat16 tables, got torch.float64"):
+            cls(specs)
+    with pytest.raises(ValueError, match="float32, bfloat16, float64 or float16, got torch.int32"):
+        MergedEmbeddingBag([EmbeddingSpec(10, 4, "sum", torch.int32)])

@@ -148,8 +148,11 @@ def test_roi_align_matches_reference(aligned, sampling_ratio, channels_last):
     got = roi_align(x, rois, (3, 4), spatial_scale=0.8, sampling_ratio=sampling_ratio, aligned=aligned)
     want = ref_roi_align(x, rois, (3, 4), 0.8, sampling_ratio, aligned)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert got.is_contiguous(memory_format=fmt)  # IPEX's test: channels_last in, channels_last out
     gb = roi_align(x.bfloat16(), rois, (3, 4), 0.8, sampling_ratio, aligned)
     assert gb.dtype == torch.bfloat16
+    assert gb.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(gb.double(), ref_roi_align(x.bfloat16(), rois, (3, 4), 0.8, sampling_ratio, aligned),
                                rtol=2e-2, atol=2e-2)
 
@@ -176,8 +179,12 @@ def test_roi_align_gradcheck_and_opcheck(channels_last):
     for aligned in (False, True):
         assert torch.autograd.gradcheck(lambda t: roi_align(t, rois, (2, 3), 0.9, -1, aligned), (x,))
     xf = torch.randn(2, 3, 6, 7)
+    if channels_last:
+        xf = xf.contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(ops.roi_align_forward, (xf, make_rois(k=4, h=6, w=7), 0.9, 2, 3, 2, True))
     grad = torch.randn(4, 3, 2, 3)
+    if channels_last:
+        grad = grad.contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(ops.roi_align_backward, (grad, make_rois(k=4, h=6, w=7), 0.9, 2, 3, 2, 3, 6, 7, 2, True,
                                                    channels_last))
 
@@ -227,3 +234,59 @@ def test_every_isa_level_agrees():
     for r in results[1:]:
         for key in ("y", "g", "z"):
             assert abs(r[key] - results[0][key]) <= 1e-4 * (1 + abs(results[0][key])), (r, results[0])
+
+
+# ---------------------------------------------------------------- parity with torchvision itself
+
+def _torchvision():
+    return pytest.importorskip("torchvision", reason="torchvision is not installed beside this torch")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_frozen_bn_matches_torchvision_value_and_gradient(layout):
+    tv = _torchvision()
+    theirs = tv.ops.misc.FrozenBatchNorm2d(6, eps=1e-5)
+    mine = FrozenBatchNorm2d(6, eps=1e-5)
+    g = torch.Generator().manual_seed(3)
+    state = {"weight": torch.rand(6, generator=g) + 0.5, "bias": torch.randn(6, generator=g),
+             "running_mean": torch.randn(6, generator=g), "running_var": torch.rand(6, generator=g) + 0.1}
+    theirs.load_state_dict(state)
+    mine.load_state_dict(theirs.state_dict())
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
+        theirs_d, mine_d = theirs.to(dtype), mine.to(dtype)
+        x = torch.randn(3, 6, 5, 7, dtype=dtype, generator=g).contiguous(memory_format=fmt)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = theirs_d(xa), mine_d(xb)
+        torch.testing.assert_close(yb, ya, rtol=tol, atol=tol)
+        grad = torch.randn_like(ya)
+        ya.backward(grad)
+        yb.backward(grad)
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_roi_align_matches_torchvision_value_and_gradient(aligned, sampling_ratio, channels_last):
+    tv = _torchvision()
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, 10, 12, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    rois = make_rois(k=7).double()
+    boxes = [rois[rois[:, 0] == i, 1:] for i in range(2)]  # the list-of-boxes form too
+    for theirs_in, mine_in in ((rois, rois), (boxes, boxes)):
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya = tv.ops.roi_align(xa, theirs_in, (3, 4), 0.8, sampling_ratio, aligned)
+        yb = roi_align(xb, mine_in, (3, 4), 0.8, sampling_ratio, aligned)
+        torch.testing.assert_close(yb, ya.contiguous(memory_format=torch.channels_last if channels_last
+                                                     else torch.contiguous_format), rtol=1e-10, atol=1e-10)
+        grad = torch.randn_like(ya)
+        ya.backward(grad)
+        yb.backward(grad)
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-10, atol=1e-10)
+    module = RoIAlign((3, 4), 0.8, sampling_ratio, aligned)
+    theirs = tv.ops.RoIAlign((3, 4), 0.8, sampling_ratio, aligned)
+    xf = x.float()
+    torch.testing.assert_close(module(xf, rois.float()), theirs(xf, rois.float()), rtol=1e-5, atol=1e-5)

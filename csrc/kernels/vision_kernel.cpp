@@ -98,7 +98,7 @@ void roi_align_forward(const T* __restrict input, const T* __restrict rois, T* _
           T* __restrict a = acc.data();
           for (int64_t c = 0; c < C; ++c) a[c] += t.w1 * p1[c] + t.w2 * p2[c] + t.w3 * p3[c] + t.w4 * p4[c];
         }
-        for (int64_t c = 0; c < C; ++c) out[c * bins + b] = acc[c] * inv_count;
+        for (int64_t c = 0; c < C; ++c) out[b * C + c] = acc[c] * inv_count;
       }
     } else {
       for (int64_t c = 0; c < C; ++c) {
@@ -133,7 +133,7 @@ void roi_align_backward(const T* __restrict grad_output, const T* __restrict roi
         if (s.channels_last) {
           T* img = grad_input + n * HW * C;
           for (int64_t c = c_begin; c < c_end; ++c) {
-            const T v = g[c * bins + b] * inv_count;
+            const T v = g[b * C + c] * inv_count;
             img[t.o1 * C + c] += t.w1 * v;
             img[t.o2 * C + c] += t.w2 * v;
             img[t.o3 * C + c] += t.w3 * v;

@@ -15,7 +15,7 @@ struct RoiAlignShape {
   int64_t sampling_ratio;  // <= 0: ceil(roi size / pooled size) samples per bin side
   double spatial_scale;
   bool aligned;        // half-pixel offset (torchvision's aligned=True)
-  bool channels_last;  // input / grad_input are N,H,W,C in memory (output is always K,C,PH,PW)
+  bool channels_last;  // input / grad_input are N,H,W,C in memory, output / grad_output K,PH,PW,C
 };
 
 template <typename T>

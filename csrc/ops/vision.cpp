@@ -117,7 +117,9 @@ at::Tensor roi_align_forward(const at::Tensor& input, const at::Tensor& rois, do
   const at::Tensor r = checked_rois(op, rois, ct, input.size(0));
   const auto s = roi_shape(op, input.size(1), input.size(2), input.size(3), spatial_scale, pooled_height,
                            pooled_width, sampling_ratio, aligned, cl);
-  at::Tensor out = at::zeros({r.size(0), s.channels, pooled_height, pooled_width}, x.options());
+  // a channels_last input gives a channels_last output, as torchvision's and IPEX's do
+  at::Tensor out = at::empty({r.size(0), s.channels, pooled_height, pooled_width}, x.options(),
+                             cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous).zero_();
   if (r.size(0) > 0 && s.channels > 0 && s.height > 0 && s.width > 0) {
     const auto& kt = IPEX_LITE_KERNEL_TABLE(vision_kernels);
     if (ct == at::kDouble) {
@@ -147,7 +149,8 @@ at::Tensor roi_align_backward(const at::Tensor& grad, const at::Tensor& rois, do
               pooled_width, "), got ", grad.sizes());
   const auto st = grad.scalar_type();
   const auto ct = compute_type(grad);
-  const at::Tensor g = grad.to(ct).contiguous();
+  const at::Tensor g =
+      grad.to(ct).contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const at::Tensor r = checked_rois(op, rois, ct, batch_size);
   TORCH_CHECK(r.size(0) == g.size(0), op, ": grad has ", g.size(0), " rows but there are ", r.size(0), " rois");
   const auto s = roi_shape(op, channels, height, width, spatial_scale, pooled_height, pooled_width, sampling_ratio,

@@ -16,6 +16,11 @@ ops = torch.ops.ipex_lite
 _split = ops.split_float_bfloat16  # fp32 -> (top, trail): fp32 bits = (top << 16) | trail
 _join = ops.cat_bfloat16_float
 _MODES = {"sum": 0, "mean": 1, "max": 2}
+_MODE_NAMES = {v: k for k, v in _MODES.items()}
+# Tables in these dtypes run ipex_lite's kernels; float64 and float16 tables (which IPEX also
+# accepts) look up through ATen's embedding_bag, one call per table, with the same checks.
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+_ATEN_DTYPES = (torch.float64, torch.float16)
 
 
 class EmbeddingSpec(NamedTuple):
@@ -89,11 +94,13 @@ class MergedEmbeddingBag(nn.Module):
                                                                          first.dtype, first.sparse):
                 raise ValueError(f"embedding_specs[{i}]: all tables must share pooling mode, feature size, dtype "
                                  "and sparse flag")
-            if s.dtype not in (torch.float32, torch.bfloat16):
-                raise ValueError(f"embedding_specs[{i}]: dtype must be float32 or bfloat16, got {s.dtype}")
+            if s.dtype not in _KERNEL_DTYPES + _ATEN_DTYPES:
+                raise ValueError(f"embedding_specs[{i}]: dtype must be float32, bfloat16, float64 or float16, "
+                                 f"got {s.dtype}")
         if first.sparse and first.pooling_modes == "max":
             raise ValueError("sparse gradients support sum and mean pooling, not max")
         self.pooling_mode = _MODES[first.pooling_modes]
+        self.aten_lookup = first.dtype in _ATEN_DTYPES
         self.embedding_dim = first.feature_size
         self.sparse = first.sparse
         self.include_last_offset = include_last_offset
@@ -156,10 +163,31 @@ class MergedEmbeddingBag(nn.Module):
         psw = [] if per_sample_weights is None else list(per_sample_weights)
         return indices, offsets, psw
 
+    def _aten_lookups(self, weights, indices, offsets, psw) -> List[torch.Tensor]:
+        """float64 / float16 tables: ATen's embedding_bag per table (its own autograd, sparse
+        gradients included), after the checks ipex_lite's kernels make."""
+        if psw and len(psw) != len(weights):
+            raise ValueError(f"expected {len(weights)} per_sample_weights tensors, got {len(psw)}")
+        if psw and self.pooling_mode != _MODES["sum"]:
+            raise ValueError("per_sample_weights are only supported with sum pooling")
+        out, batch = [], None
+        for t, (w, ix, of) in enumerate(zip(weights, indices, offsets)):
+            p = psw[t] if psw else None
+            bags = _check_lookup(t, w, ix, of, p, self.include_last_offset)
+            if batch is None:
+                batch = bags
+            elif bags != batch:
+                raise ValueError(f"table {t} has {bags} bags but table 0 has {batch}")
+            out.append(nn.functional.embedding_bag(ix, w, of, mode=_MODE_NAMES[self.pooling_mode], sparse=self.sparse,
+                                                   per_sample_weights=p, include_last_offset=self.include_last_offset))
+        return out
+
     def forward(self, indices: Lists, offsets: Lists,
                 per_sample_weights: Optional[Lists] = None) -> List[torch.Tensor]:
         indices, offsets, psw = self._lists(indices, offsets, per_sample_weights)
         weights = self._weight_list()
+        if self.aten_lookup:
+            return self._aten_lookups(weights, indices, offsets, psw)
         if self.sparse and torch.is_grad_enabled() and any(w.requires_grad for w in weights):
             return list(_SparseGradLookup.apply(self.pooling_mode, self.include_last_offset, len(weights),
                                                 *weights, *indices, *offsets, *psw))
@@ -167,9 +195,43 @@ class MergedEmbeddingBag(nn.Module):
                                                      self.include_last_offset, psw))
 
     def extra_repr(self) -> str:
-        mode = {v: k for k, v in _MODES.items()}[self.pooling_mode]
         rows = [w.shape[0] for w in self.weights]
-        return f"tables={len(rows)}, rows={rows}, dim={self.embedding_dim}, mode={mode}, sparse={self.sparse}"
+        return (f"tables={len(rows)}, rows={rows}, dim={self.embedding_dim}, mode={_MODE_NAMES[self.pooling_mode]}, "
+                f"sparse={self.sparse}")
+
+
+def _check_lookup(t: int, weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
+                  psw: Optional[torch.Tensor], include_last: bool) -> int:
+    """The checks ipex_lite's lookup kernels make (ATen's embedding_bag skips some: a decreasing
+    offset is not an error there); returns the number of bags."""
+    if not isinstance(indices, torch.Tensor) or not isinstance(offsets, torch.Tensor):
+        raise TypeError(f"indices[{t}] and offsets[{t}] must be tensors")
+    if indices.dim() != 1 or offsets.dim() != 1:
+        raise ValueError(f"indices[{t}] and offsets[{t}] must be 1-D, got shapes {tuple(indices.shape)} and "
+                         f"{tuple(offsets.shape)}")
+    if indices.dtype not in (torch.int32, torch.int64) or offsets.dtype != indices.dtype:
+        raise ValueError(f"indices[{t}] and offsets[{t}] must both be int32 or both int64, got {indices.dtype} and "
+                         f"{offsets.dtype}")
+    bags = offsets.numel() - (1 if include_last else 0)
+    if bags < 0:
+        raise ValueError(f"offsets[{t}] must hold batch + 1 entries with include_last_offset=True")
+    if offsets.numel() > 0:
+        if int(offsets[0]) != 0:
+            raise ValueError(f"offsets[{t}][0] must be 0, got {int(offsets[0])}")
+        if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
+            raise ValueError(f"offsets[{t}] must be non-decreasing")
+        if int(offsets[-1]) > indices.numel():
+            raise ValueError(f"offsets[{t}] ends at {int(offsets[-1])} but indices[{t}] has {indices.numel()} entries")
+    if indices.numel() > 0:
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= weight.shape[0]:
+            bad = lo if lo < 0 else hi
+            p = int((indices == bad).nonzero()[0, 0])
+            raise IndexError(f"indices[{t}][{p}] = {bad} is out of range for table {t} with {weight.shape[0]} rows")
+    if psw is not None and (psw.shape != indices.shape or psw.dtype != weight.dtype):
+        raise ValueError(f"per_sample_weights[{t}] must have one {weight.dtype} weight per index, got "
+                         f"{psw.dtype} of shape {tuple(psw.shape)}")
+    return bags
 
 
 class _SparseGradLookup(torch.autograd.Function):
@@ -249,6 +311,9 @@ class _FusedUpdateBase(MergedEmbeddingBag):
 
     def __init__(self, embedding_specs, include_last_offset=False, split_bf16: Optional[bool] = None):
         super().__init__(embedding_specs, include_last_offset)
+        if self.aten_lookup:
+            raise ValueError(f"{type(self).__name__}: the fused update kernels take float32 or bfloat16 tables, got "
+                             f"{self.weights[0].dtype}; use MergedEmbeddingBag with a torch.optim optimizer")
         self.sparse = False  # tables are updated in backward: no gradient, sparse or dense, is produced
         # set by ipex_lite.distributed.wrap_ddp; the group is kept only when it is not the default
         # one (a module holding the default group would keep it alive past destroy_process_group)
@@ -379,7 +444,15 @@ class MergedEmbeddingBagWithCat(MergedEmbeddingBag):
         if self.sparse:
             raise ValueError("MergedEmbeddingBagWithCat produces dense gradients; use sparse=False")
         indices, offsets, psw = self._lists(indices, offsets, per_sample_weights)
-        return ops.merged_embedding_bag_cat_forward(dense, self._weight_list(), indices, offsets, self.pooling_mode,
+        weights = self._weight_list()
+        if self.aten_lookup:
+            lookups = self._aten_lookups(weights, indices, offsets, psw)
+            if dense.dim() != 2 or dense.shape != (lookups[0].shape[0], self.embedding_dim) \
+                    or dense.dtype != weights[0].dtype:
+                raise ValueError(f"dense must be ({lookups[0].shape[0]}, {self.embedding_dim}) {weights[0].dtype}, "
+                                 f"got {dense.dtype} of shape {tuple(dense.shape)}")
+            return torch.cat([dense, *lookups], dim=1)
+        return ops.merged_embedding_bag_cat_forward(dense, weights, indices, offsets, self.pooling_mode,
                                                     self.include_last_offset, psw)
 
 

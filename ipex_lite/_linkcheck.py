@@ -25,8 +25,8 @@ LIBSTDCXX = "libstdc++.so.6"
 
 FIX = ("libstdc++ must be linked dynamically (a private copy breaks every error message that "
        "formats a number).  Remove -static-libstdc++, -static-libgcc and -static from LDFLAGS, "
-       "CFLAGS, CXXFLAGS and LDSHARED (and from any compiler wrapper or specs file), then rebuild: "
-       "pip install --no-build-isolation -e .  (or make build)")
+       "CFLAGS, CXXFLAGS and LDSHARED (and from any compiler wrapper or specs file), make CXX a C++ "
+       "driver (g++), then rebuild: pip install --no-build-isolation -e .  (or make build)")
 
 _DT_NEEDED = 1
 _SHT_SYMTAB, _SHT_DYNAMIC, _SHT_DYNSYM = 2, 6, 11

@@ -92,7 +92,8 @@ def main(argv=None) -> int:
     if ipex_lite.isa_info().get("amx_bf16"):
         notes.append("this CPU has AMX: oneDNN runs the bf16 and int8 GEMMs and convolutions on its tiles")
     else:
-        notes.append("bf16 on a CPU without AMX: bf16 GEMMs are slower than fp32 ones; see auto_kernel_selection")
+        notes.append("no AMX on this CPU: bf16 GEMMs run on AVX-512 (BF16 dot products where the CPU has them), not "
+                     "tiles, and may lose to fp32; auto_kernel_selection=True times both on the model")
     report.emit(False, notes)
     if not ok:
         print("FAILED: an optimized model's output does not agree with stock", file=sys.stderr)

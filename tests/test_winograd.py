@@ -179,6 +179,13 @@ def test_optimize_uses_winograd_where_eligible():
         traced = torch.jit.freeze(torch.jit.trace(opt, x))
         assert str(traced.graph).count("ipex_lite::winograd_conv2d") == 2
         _assert_close(traced(x), want)
+        # the frozen graph holds the transformed filters as constants: no per-call filter transform
+        kinds = [n.kind() for n in traced.graph.nodes()]
+        for op in ("aten::einsum", "aten::pad", "aten::permute", "aten::mul", "aten::rsqrt", "aten::reshape"):
+            assert op not in kinds, (op, traced.graph)
+        # what is left per layer: the input's dtype/layout (no-ops on channels_last fp32) and the op
+        assert set(kinds) <= {"prim::Constant", "prim::ListConstruct", "aten::to", "aten::contiguous",
+                              "ipex_lite::winograd_conv2d", "ipex_lite::packed_conv", "ipex_lite::packed_conv_add"}, kinds
     off = ipex_lite.optimize(model, conv_winograd=False)
     assert not any(getattr(m, "winograd", False) for m in off.modules())
     assert not any(getattr(m, "winograd", False) for m in ipex_lite.optimize(model, weights_prepack=False).modules())

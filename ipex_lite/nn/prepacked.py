@@ -349,14 +349,21 @@ class PackedConv(_Packed):
         self.packs.clear()
 
     def _winograd(self, x):
-        if torch.jit.is_tracing():  # recorded from the parameters: a frozen graph holds U as a constant
-            w, b = self._folded()
-            u = winograd_weight(w)
+        def build():
+            with torch.no_grad():
+                w, b = self._folded()
+                return winograd_weight(w), b
+        if torch.jit.is_tracing():
+            # Computed outside the trace, so the graph holds U and the bias themselves as constants.
+            # Traced from the parameters, torch.jit.freeze left the einsum/pad/permute chain in the
+            # graph and it ran on every call (13 chains on ResNet-50).
+            state = torch._C._get_tracing_state()
+            torch._C._set_tracing_state(None)
+            try:
+                u, b = build()
+            finally:
+                torch._C._set_tracing_state(state)
         else:
-            def build():
-                with torch.no_grad():
-                    w, b = self._folded()
-                    return winograd_weight(w), b
             u, b = self.packs.get(self._key(), build, per_team=False)  # U depends on neither team nor shape
         return lite_ops.winograd_conv2d(x, u, b, list(self.padding), self.out_channels, self._attr()[0])
 

@@ -17,6 +17,7 @@ they were (a graph no longer calls them; a Sequential holds them as
 import copy
 import operator
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -466,6 +467,69 @@ def _cast_rest_to_bf16(model: nn.Module, report: Report) -> list:
     return undo
 
 
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def _compute_kind(mod: nn.Module) -> Optional[str]:
+    """What kind of compute layer ``mod`` is, judged by its type or, for layers ipex_lite has no name
+    for, by its parameters: a leaf holding a 2-D floating weight (and at most a bias) that is not an
+    embedding is a Linear-like GEMM (Hugging Face's Conv1D, a custom Linear subclass)."""
+    if isinstance(mod, _Packed):
+        return None
+    if isinstance(mod, nn.MultiheadAttention):
+        return "attention"
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return "convolution"
+    if isinstance(mod, nn.Linear):
+        return "linear"
+    if isinstance(mod, _EMBEDDINGS) or next(mod.children(), None) is not None:
+        return None
+    params = dict(mod.named_parameters(recurse=False))
+    w = params.get("weight")
+    if w is not None and w.dim() == 2 and w.is_floating_point() and set(params) <= {"weight", "bias"}:
+        return "linear-like"
+    return None
+
+
+def _why_left_alone(path: str, mod: nn.Module, ancestors: List[nn.Module]) -> str:
+    composite = next((a for a in ancestors if type(a).__module__.startswith("torch.nn")
+                      and not isinstance(a, (nn.Sequential, nn.ModuleList, nn.ModuleDict))), None)
+    if composite is not None and composite is not mod:
+        return (f"inside torch's {type(composite).__name__}, which reads its weights directly (its inference "
+                "fast path), so a packed replacement would never be called")
+    if isinstance(mod, nn.MultiheadAttention):
+        return "nn.MultiheadAttention reads in_proj_weight / out_proj directly; no ipex_lite replacement yet"
+    if not any(p.is_floating_point() for p in mod.parameters(recurse=False)):
+        return "weights are not floating point"
+    if type(mod) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d):
+        if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return f"{type(mod).__name__} subclasses {type(mod).__mro__[1].__name__} and may change its forward"
+        if isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose3d)):
+            return f"{type(mod).__name__}: only ConvTranspose2d is packed"
+        return f"{type(mod).__name__} is a Linear-like layer ipex_lite does not pack"
+    if isinstance(mod, nn.ConvTranspose2d) and mod.padding_mode != "zeros":
+        return f"padding_mode={mod.padding_mode!r}"
+    return "not reached by the rewrite (called with extra arguments, or under a module that failed to trace)"
+
+
+def _report_left_alone(model: nn.Module, report: Report) -> int:
+    """Adds every compute layer that was neither packed nor folded away, with the reason; returns
+    how many layers ipex_lite changed."""
+    changed = 0
+    stack = [("", model, [])]
+    while stack:
+        path, mod, ancestors = stack.pop()
+        if isinstance(mod, _Packed):
+            changed += 1
+            continue
+        kind = _compute_kind(mod)
+        if kind is not None:
+            report.add(path, "left alone", f"{type(mod).__name__} ({kind}): {_why_left_alone(path, mod, ancestors)}")
+        for name, child in reversed(list(mod.named_children())):
+            stack.append((_join(path, name), child, ancestors + [mod]))
+    return changed
+
+
 def optimize_for_inference(model: nn.Module, knobs: Knobs, sample_input=None) -> nn.Module:
     report = Report()
     if knobs.replace_dropout_with_identity:
@@ -477,6 +541,9 @@ def optimize_for_inference(model: nn.Module, knobs: Knobs, sample_input=None) ->
         _use_winograd(model, report)
     if knobs.weights_prepack and knobs.dtype == torch.float32:
         _default_fp32_linear_kernels(model, report)  # auto_kernel_selection with a sample refines them
+    if _report_left_alone(model, report) == 0 and any(_compute_kind(m) for m in model.modules()):
+        warnings.warn("ipex_lite.optimize changed none of this model's compute layers; ipex_lite.explain(model) "
+                      "says why for each", stacklevel=4)
     model.__dict__["_ipex_lite_report"] = report
     args = None if sample_input is None else sample_input if isinstance(sample_input, tuple) else (sample_input,)
     if knobs.dtype == torch.bfloat16:

@@ -4,6 +4,7 @@ trips, deepcopy / torch.save, jit trace + freeze, torch.compile, models FX
 cannot trace, and the report."""
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -677,3 +678,68 @@ def test_packs_follow_reassigned_parameters_and_bn_buffers():
         model_ref.stem[0].weight.div_(2)
         model_ref.stem[1].running_mean += 0.5
         assert_close_fp32(opt(x), model_ref(x))
+
+
+# ---------------------------------------------------------------- what optimize() left alone, and why
+
+def test_explain_lists_every_compute_layer_left_alone_with_the_reason():
+    class MyLinear(nn.Linear):  # a subclass may change forward: not packed
+        pass
+
+    class TransposedLinear(nn.Module):  # Hugging Face Conv1D's shape: weight (in, out)
+        def __init__(self, n_in, n_out):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(n_in, n_out))
+            self.bias = nn.Parameter(torch.randn(n_out))
+
+        def forward(self, x):
+            return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.mine = MyLinear(8, 8)
+            self.t = TransposedLinear(8, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.emb = nn.Embedding(10, 8)
+
+        def forward(self, x):
+            x = self.t(self.mine(torch.relu(self.fc(x))))
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    model = Net().eval()
+    opt = ipex_lite.optimize(model)
+    text = ipex_lite.explain(opt)
+    assert "fc  prepacked" in text or "fc prepacked" in " ".join(text.split())
+    lines = {line.split()[0]: line for line in text.splitlines()[1:]}
+    assert "left alone" in lines["mine"] and "subclasses Linear" in lines["mine"]
+    assert "left alone" in lines["t"] and "Linear-like" in lines["t"]
+    assert "left alone" in lines["attn"] and "MultiheadAttention" in lines["attn"]
+    assert "left alone" in lines["attn.out_proj"] and "reads its weights directly" in lines["attn.out_proj"]
+    assert "emb" not in lines  # a lookup, not a compute layer
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_optimize_warns_once_when_it_changed_no_compute_layer():
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2).eval()
+    with pytest.warns(UserWarning, match="changed none of this model's compute layers"):
+        opt = ipex_lite.optimize(enc)
+    text = ipex_lite.explain(opt)
+    for layer in ("layers.0.linear1", "layers.1.linear2", "layers.0.self_attn", "layers.1.self_attn.out_proj"):
+        assert any(line.split()[0] == layer and "left alone" in line for line in text.splitlines()[1:]), layer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model it did change: no warning
+        ipex_lite.optimize(nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval())
+
+
+def test_explain_names_hugging_face_conv1d_left_alone():
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    model = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=50)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text = ipex_lite.explain(ipex_lite.optimize(model))
+    for layer in ("h.0.attn.c_attn", "h.0.attn.c_proj", "h.0.mlp.c_fc", "h.0.mlp.c_proj"):
+        assert any(line.split()[0] == layer and "Conv1D (linear-like)" in line for line in text.splitlines()[1:]), text

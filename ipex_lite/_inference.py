@@ -91,12 +91,51 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _bn_subclass(mod: nn.Module) -> bool:
+    """A BatchNorm subclass (timm's BatchNormAct2d, ...): its forward may add work after normalising."""
+    return isinstance(mod, _BNS) and type(mod) not in _BNS
+
+
+def _bn_subclass_activation(bn: nn.Module):
+    """For a BatchNorm subclass: ``(name, spec)`` of the activation its forward applies after
+    normalising, ``()`` when it applies none, ``None`` when its forward is anything else.  Judged by
+    structure -- children are Identity/Dropout and at most one fusable activation, last -- and
+    confirmed on a probe input (eval mode, so Dropout is the identity)."""
+    if not _bn_subclass(bn) or bn.training or bn.running_mean is None:
+        return None
+    children = list(bn.children())
+    act = None
+    for i, child in enumerate(children):
+        if isinstance(child, (nn.Identity,) + _DROPOUTS):
+            continue
+        act = _activation_of_module(child)
+        if act is None or i != len(children) - 1:
+            return None
+    dims = {nn.BatchNorm1d: 3, nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
+    ndim = next(d for cls, d in dims.items() if isinstance(bn, cls))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, bn.num_features, *([3] * (ndim - 2)), generator=g).to(bn.running_mean.dtype)
+    with torch.no_grad():
+        try:
+            got = bn(x.clone())
+        except Exception:  # noqa: BLE001 - a forward we cannot call on a probe is not foldable
+            return None
+        want = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        if act is not None:
+            want = children[-1](want)
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape or not torch.allclose(got, want, 1e-4, 1e-5):
+        return None
+    return act if act is not None else ()
+
+
 def _bn_foldable(layer: nn.Module, bn: nn.Module) -> bool:
     if not isinstance(bn, _BNS) and type(bn).__name__ != "FrozenBatchNorm2d":
         return False
     if getattr(bn, "training", False) or getattr(bn, "running_mean", None) is None:
         return False
     if isinstance(bn, _BNS) and not bn.track_running_stats:
+        return False
+    if _bn_subclass(bn) and _bn_subclass_activation(bn) is None:
         return False
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     if bn.running_mean.numel() != out:
@@ -105,8 +144,23 @@ def _bn_foldable(layer: nn.Module, bn: nn.Module) -> bool:
         return isinstance(bn, nn.BatchNorm1d)
     if isinstance(layer, nn.ConvTranspose2d):
         return layer.groups == 1 and not isinstance(bn, nn.BatchNorm1d)
-    return (layer.weight.dim() - 2, type(bn)) in ((1, nn.BatchNorm1d), (2, nn.BatchNorm2d), (3, nn.BatchNorm3d)) \
-        or (layer.weight.dim() == 4 and type(bn).__name__ == "FrozenBatchNorm2d")
+    nd = layer.weight.dim() - 2
+    return isinstance(bn, {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}.get(nd, ())) \
+        or (nd == 2 and type(bn).__name__ == "FrozenBatchNorm2d")
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with BatchNorm subclasses kept as calls (leaves) so that they can be folded
+    like BatchNorm itself; traced through, they are a functional batch_norm on attributes."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return _bn_subclass(m) or super().is_leaf_module(m, qualname)
+
+
+def _trace(mod: nn.Module) -> fx.GraphModule:
+    tracer = _Tracer()
+    graph = tracer.trace(mod)
+    return fx.GraphModule(tracer.root, graph, type(mod).__name__)
 
 
 def _activation_of_module(mod: nn.Module):
@@ -234,6 +288,10 @@ def _rewrite_graph(gm: fx.GraphModule, prefix: str, knobs: Knobs, report: Report
             bn = modules[user.target]
             absorbed.append(user)
             user = _only_user(user)
+            bn_act = _bn_subclass_activation(bn) if _bn_subclass(bn) else ()
+            if bn_act:  # the norm's own activation runs before anything after it: fused, nothing more
+                unary, spec = bn_act
+                user = None
         if knobs.fuse_post_ops and user is not None and not isinstance(layer, nn.ConvTranspose2d) and _is_add(user):
             a, b = user.args
             if a is not b:
@@ -371,12 +429,17 @@ def _rewrite_sequential(seq: nn.Sequential, prefix: str, knobs: Knobs, report: R
         bn = unary = spec = None
         fold = knobs.linear_bn_folding if isinstance(layer, nn.Linear) else knobs.conv_bn_folding
         folded_type = None
+        bn_act = ()
         if fold and j < len(names) and _bn_foldable(layer, seq._modules[names[j]]):
             folded_type = type(seq._modules[names[j]]).__name__
+            if _bn_subclass(seq._modules[names[j]]):
+                bn_act = _bn_subclass_activation(seq._modules[names[j]])
             bn = seq._modules[names[j]] = FoldedBatchNorm(seq._modules[names[j]])
             report.add(_join(prefix, names[j]), "folded", f"{folded_type} into {_join(prefix, names[i])}")
             j += 1
-        if knobs.fuse_post_ops and j < len(names):
+        if bn_act:
+            unary, spec = bn_act
+        elif knobs.fuse_post_ops and j < len(names):
             act = _activation_of_module(seq._modules[names[j]])
             if act is not None:
                 unary, spec = act
@@ -404,7 +467,7 @@ def _rewrite(mod: nn.Module, prefix: str, knobs: Knobs, report: Report) -> nn.Mo
         _rewrite_sequential(mod, prefix, knobs, report)
     elif knobs.graph_mode and not builtin:
         try:
-            gm = fx.symbolic_trace(mod)
+            gm = _trace(mod)
         except Exception as e:  # data-dependent control flow etc.: rewrite the children instead
             report.add(prefix, "not traced", f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
         else:

@@ -18,6 +18,7 @@ import copy
 import operator
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -32,6 +33,7 @@ from .nn.prepacked import (UNARY, PackCache, PackedConv, PackedConvTranspose, Pa
                            _Packed)
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.modules.normalization.RMSNorm)
@@ -129,6 +131,8 @@ def _bn_subclass_activation(bn: nn.Module):
 
 
 def _bn_foldable(layer: nn.Module, bn: nn.Module) -> bool:
+    if type(layer) not in (nn.Linear, nn.ConvTranspose2d) + _CONVS:
+        return False
     if not isinstance(bn, _BNS) and type(bn).__name__ != "FrozenBatchNorm2d":
         return False
     if getattr(bn, "training", False) or getattr(bn, "running_mean", None) is None:
@@ -154,10 +158,12 @@ class _Tracer(fx.Tracer):
     like BatchNorm itself; traced through, they are a functional batch_norm on attributes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _bn_subclass(m) or super().is_leaf_module(m, qualname)
+        return _bn_subclass(m) or super().is_leaf_module(m, qualname) or _linear_orientation(m) is not None
 
 
 def _trace(mod: nn.Module) -> fx.GraphModule:
+    for m in mod.modules():  # probe (and cache) outside the trace: fx intercepts module calls while tracing
+        _linear_orientation(m)
     tracer = _Tracer()
     graph = tracer.trace(mod)
     return fx.GraphModule(tracer.root, graph, type(mod).__name__)
@@ -226,13 +232,54 @@ def _make_packed(layer, bn, unary, spec, binary, knobs: Knobs):
         return PackedConv(layer, binary=binary, **common)
     if isinstance(layer, nn.ConvTranspose2d):
         return PackedConvTranspose(layer, **common)
-    return PackedLinear(layer, binary=binary, **common)
+    return PackedLinear(layer, binary=binary, transposed=_linear_orientation(layer) == "transposed", **common)
+
+
+# module -> "linear" | "transposed" | None, probed once per module
+_ORIENTATION: "weakref.WeakKeyDictionary[nn.Module, Optional[str]]" = weakref.WeakKeyDictionary()
+
+
+def _linear_orientation(mod: nn.Module) -> Optional[str]:
+    """Whether ``mod`` computes a Linear: "linear" for y = x W^T + b (nn.Linear; a subclass of it or a
+    layer of another class whose forward is that), "transposed" for y = x W + b with W stored (in, out)
+    (Hugging Face's Conv1D), None otherwise.  Layers ipex_lite has no name for are judged by their
+    parameters (a leaf holding a 2-D floating weight and at most a bias) and a probe input."""
+    if type(mod) is nn.Linear:
+        return "linear"
+    if mod in _ORIENTATION:
+        return _ORIENTATION[mod]
+    found = None
+    params = dict(mod.named_parameters(recurse=False))
+    w, b = params.get("weight"), params.get("bias")
+    if (not isinstance(mod, (_Packed,) + _EMBEDDINGS) and next(mod.children(), None) is None and w is not None
+            and w.dim() == 2 and w.is_floating_point() and set(params) <= {"weight", "bias"}
+            and (b is None or b.dim() == 1)):
+        g = torch.Generator().manual_seed(0)
+        candidates = {"linear": (w.shape[1], w.shape[0], lambda x: F.linear(x, w, b)),
+                      "transposed": (w.shape[0], w.shape[1], lambda x: x @ w + (0 if b is None else b))}
+        for name, (n_in, n_out, ref) in candidates.items():
+            if b is not None and b.numel() != n_out:
+                continue
+            x = torch.randn(3, 2, n_in, generator=g).to(w.dtype)
+            with torch.no_grad():
+                try:
+                    got = mod(x)
+                except Exception:  # noqa: BLE001 - this orientation's shape is not what it takes
+                    continue
+                want = ref(x)
+            if isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(got, want, 1e-4, 1e-5):
+                found = name
+                break
+    _ORIENTATION[mod] = found
+    return found
 
 
 def _packable(mod: nn.Module) -> bool:
     if type(mod) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
         return mod.weight.is_floating_point()
-    return type(mod) is nn.ConvTranspose2d and mod.padding_mode == "zeros"
+    if type(mod) is nn.ConvTranspose2d:
+        return mod.padding_mode == "zeros"
+    return _linear_orientation(mod) is not None
 
 
 def _describe(layer, bn, unary, binary) -> str:
@@ -530,9 +577,6 @@ def _cast_rest_to_bf16(model: nn.Module, report: Report) -> list:
     return undo
 
 
-_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
-
-
 def _compute_kind(mod: nn.Module) -> Optional[str]:
     """What kind of compute layer ``mod`` is, judged by its type or, for layers ipex_lite has no name
     for, by its parameters: a leaf holding a 2-D floating weight (and at most a bias) that is not an
@@ -565,11 +609,12 @@ def _why_left_alone(path: str, mod: nn.Module, ancestors: List[nn.Module]) -> st
     if not any(p.is_floating_point() for p in mod.parameters(recurse=False)):
         return "weights are not floating point"
     if type(mod) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d):
-        if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             return f"{type(mod).__name__} subclasses {type(mod).__mro__[1].__name__} and may change its forward"
         if isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose3d)):
             return f"{type(mod).__name__}: only ConvTranspose2d is packed"
-        return f"{type(mod).__name__} is a Linear-like layer ipex_lite does not pack"
+        return (f"{type(mod).__name__}'s forward is neither x W^T + b nor x W + b on a probe input, so it is "
+                "not packed as a Linear")
     if isinstance(mod, nn.ConvTranspose2d) and mod.padding_mode != "zeros":
         return f"padding_mode={mod.padding_mode!r}"
     return "not reached by the rewrite (called with extra arguments, or under a module that failed to trace)"

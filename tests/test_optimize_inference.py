@@ -683,8 +683,16 @@ def test_packs_follow_reassigned_parameters_and_bn_buffers():
 # ---------------------------------------------------------------- what optimize() left alone, and why
 
 def test_explain_lists_every_compute_layer_left_alone_with_the_reason():
-    class MyLinear(nn.Linear):  # a subclass may change forward: not packed
+    class MyLinear(nn.Linear):  # a subclass whose forward is still a Linear: packed
         pass
+
+    class Scaled(nn.Module):  # a 2-D weight, but not a Linear map: left alone
+        def __init__(self, n):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(n, n))
+
+        def forward(self, x):
+            return torch.tanh(x @ self.weight)
 
     class TransposedLinear(nn.Module):  # Hugging Face Conv1D's shape: weight (in, out)
         def __init__(self, n_in, n_out):
@@ -703,9 +711,10 @@ def test_explain_lists_every_compute_layer_left_alone_with_the_reason():
             self.t = TransposedLinear(8, 8)
             self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
             self.emb = nn.Embedding(10, 8)
+            self.scaled = Scaled(8)
 
         def forward(self, x):
-            x = self.t(self.mine(torch.relu(self.fc(x))))
+            x = self.scaled(self.t(self.mine(torch.relu(self.fc(x)))))
             return self.attn(x, x, x, need_weights=False)[0]
 
     model = Net().eval()
@@ -713,8 +722,8 @@ def test_explain_lists_every_compute_layer_left_alone_with_the_reason():
     text = ipex_lite.explain(opt)
     assert "fc  prepacked" in text or "fc prepacked" in " ".join(text.split())
     lines = {line.split()[0]: line for line in text.splitlines()[1:]}
-    assert "left alone" in lines["mine"] and "subclasses Linear" in lines["mine"]
-    assert "left alone" in lines["t"] and "Linear-like" in lines["t"]
+    assert "prepacked: MyLinear" in lines["mine"] and "prepacked: TransposedLinear" in lines["t"]
+    assert "left alone" in lines["scaled"] and "neither x W^T + b nor x W + b" in lines["scaled"]
     assert "left alone" in lines["attn"] and "MultiheadAttention" in lines["attn"]
     assert "left alone" in lines["attn.out_proj"] and "reads its weights directly" in lines["attn.out_proj"]
     assert "emb" not in lines  # a lookup, not a compute layer
@@ -735,14 +744,60 @@ def test_optimize_warns_once_when_it_changed_no_compute_layer():
         ipex_lite.optimize(nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval())
 
 
-def test_explain_names_hugging_face_conv1d_left_alone():
+class _FirstOutput(nn.Module):
+    """A Hugging Face model returning a plain tensor, as torch.jit.trace needs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(ids, use_cache=False, return_dict=False)[0]
+
+
+def _gpt2(layers=2):
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-    model = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=50)).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        text = ipex_lite.explain(ipex_lite.optimize(model))
-    for layer in ("h.0.attn.c_attn", "h.0.attn.c_proj", "h.0.mlp.c_fc", "h.0.mlp.c_proj"):
-        assert any(line.split()[0] == layer and "Conv1D (linear-like)" in line for line in text.splitlines()[1:]), text
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=layers, n_embd=64, n_head=4, vocab_size=100, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2Model(config).eval()
+
+
+def test_hugging_face_conv1d_packed_in_fp32_bf16_int8_trace_and_compile():
+    from ipex_lite import quantization
+    model = _gpt2()
+    ids = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        want = model(ids).last_hidden_state
+    opt = ipex_lite.optimize(model)
+    text = ipex_lite.explain(opt)
+    for layer in ("h.0.attn.c_attn", "h.0.attn.c_proj", "h.1.mlp.c_fc", "h.1.mlp.c_proj"):
+        assert any(line.split()[0] == layer and "prepacked: Conv1D" in line for line in text.splitlines()[1:]), text
+    assert "left alone" not in text
+    assert set(opt.state_dict()) == set(model.state_dict())
+    packed = [m for m in opt.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == 8 and all(m.transposed for m in packed)
+    assert packed[0].weight is model.h[0].attn.c_attn.weight or packed[0].weight.shape == (64, 192)
+    scale = want.abs().max().item()
+    with torch.no_grad():
+        torch.testing.assert_close(opt(ids).last_hidden_state, want, rtol=1e-5, atol=1e-5 * scale)
+        bf16 = ipex_lite.optimize(model, dtype=torch.bfloat16)(ids).last_hidden_state.float()
+        assert ((bf16 - want).abs().max() / scale).item() < 5e-2
+        traced = torch.jit.freeze(torch.jit.trace(_FirstOutput(opt).eval(), ids))
+        torch.testing.assert_close(traced(ids), want, rtol=1e-5, atol=1e-5 * scale)
+        compiled = torch.compile(opt)
+        torch.testing.assert_close(compiled(ids).last_hidden_state, want, rtol=1e-4, atol=1e-4 * scale)
+    # int8: the Conv1D projections become int8 layers (before: bit-identical fp32, silently)
+    prepared = quantization.prepare(model, quantization.default_static_qconfig_mapping, example_inputs=(ids,))
+    with torch.no_grad():
+        for _ in range(3):
+            prepared(torch.randint(0, 100, (2, 16)))
+        prepared(ids)
+        int8 = quantization.convert(prepared)
+        got = int8(ids).last_hidden_state
+    assert ipex_lite.explain(int8).count("int8: Quantized") == 8
+    err = ((got - want).abs().max() / scale).item()
+    assert 0 < err < 5e-2
 
 
 # ---------------------------------------------------------------- BatchNorm subclasses (timm's BatchNormAct2d)

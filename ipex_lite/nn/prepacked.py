@@ -485,8 +485,12 @@ class PackedLinear(_Packed):
     kernel = "onednn"
     KERNELS = ("onednn", "mkl", "aten") if torch.backends.mkl.is_available() else ("onednn", "aten")
 
-    def __init__(self, linear: Optional[nn.Linear], bn=None, unary=None, binary=False, dtype=torch.float32,
-                 prepack=True, unary_spec=None, concat: Sequence[nn.Linear] = ()):
+    # the source holds its weight as (in, out) and computes x @ W + b (Hugging Face's Conv1D, GPT-2's
+    # projections): same Parameter and state_dict key, transposed when folded for the kernels
+    transposed = False
+
+    def __init__(self, linear: Optional[nn.Module], bn=None, unary=None, binary=False, dtype=torch.float32,
+                 prepack=True, unary_spec=None, concat: Sequence[nn.Linear] = (), transposed: bool = False):
         if concat:
             holder = nn.Module()
             holder.weight, holder.bias = None, None
@@ -496,10 +500,14 @@ class PackedLinear(_Packed):
             self.splits = [m.out_features for m in concat]
             self.in_features, self.out_features = concat[0].in_features, sum(self.splits)
         else:
+            if transposed and bn is not None:
+                raise ValueError("PackedLinear: a BatchNorm cannot be folded into a transposed-weight layer")
             super().__init__(linear, bn, unary, binary, dtype, prepack, unary_spec)
             self.__dict__["sources"] = None
             self.splits = None
-            self.in_features, self.out_features = linear.in_features, linear.out_features
+            self.transposed = bool(transposed)
+            out_dim, in_dim = linear.weight.shape[::-1] if transposed else linear.weight.shape
+            self.in_features, self.out_features = in_dim, out_dim
 
     def _sources(self):
         if self.sources is None:
@@ -513,6 +521,8 @@ class PackedLinear(_Packed):
                 return w, None
             return w, torch.cat([m.bias.float() if m.bias is not None else m.weight.new_zeros(m.out_features)
                                  for m in self.sources])
+        if self.transposed:
+            return self.weight.float().t().contiguous(), None if self.bias is None else self.bias.float()
         return super()._folded()
 
     def set_kernel(self, kernel: str) -> None:

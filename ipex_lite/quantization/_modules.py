@@ -32,7 +32,7 @@ def quantize_weight(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     amax = w.detach().abs().amax(dim=tuple(range(1, w.dim()))).float()
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
     q = torch.clamp(torch.round(w.detach().float() / scale.view(-1, *([1] * (w.dim() - 1)))), -128, 127)
-    return q.to(torch.int8), scale
+    return q.to(torch.int8).contiguous(), scale  # the int8 kernels read it as a dense (out, in) block
 
 
 class _QuantizedLayer(nn.Module):

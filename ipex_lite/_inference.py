@@ -27,6 +27,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ._hf_attention import is_transformers_model, use_ipex_lite_attention
 from .nn.functional import max_pool2d as fast_max_pool2d
 from .nn.functional import scaled_dot_product_attention as fused_sdpa
 from .nn.prepacked import (UNARY, PackCache, PackedConv, PackedConvTranspose, PackedLinear, _hardtanh, _leaky,
@@ -599,7 +600,8 @@ def _compute_kind(mod: nn.Module) -> Optional[str]:
 
 
 def _why_left_alone(path: str, mod: nn.Module, ancestors: List[nn.Module]) -> str:
-    composite = next((a for a in ancestors if type(a).__module__.startswith("torch.nn")
+    # torch's own composite modules; plain containers (nn.Module is what fx makes for a graph's paths) aside
+    composite = next((a for a in ancestors if type(a).__module__.startswith("torch.nn") and type(a) is not nn.Module
                       and not isinstance(a, (nn.Sequential, nn.ModuleList, nn.ModuleDict))), None)
     if composite is not None and composite is not mod:
         return (f"inside torch's {type(composite).__name__}, which reads its weights directly (its inference "
@@ -640,6 +642,8 @@ def _report_left_alone(model: nn.Module, report: Report) -> int:
 
 def optimize_for_inference(model: nn.Module, knobs: Knobs, sample_input=None) -> nn.Module:
     report = Report()
+    if knobs.fuse_post_ops and is_transformers_model(model):
+        report.add("", "attention", use_ipex_lite_attention(model))
     if knobs.replace_dropout_with_identity:
         _replace_dropout(model, "", report)
     model = _rewrite(model, "", knobs, report)

@@ -553,13 +553,38 @@ def _replace_dropout(mod: nn.Module, prefix: str, report: Report) -> None:
             _replace_dropout(child, _join(prefix, name), report)
 
 
+def _torch_composite(m: nn.Module) -> bool:
+    """One of torch.nn's own modules that computes with its children's weights itself."""
+    return (type(m).__module__.startswith("torch.nn") and type(m) is not nn.Module and next(m.children(), None)
+            is not None and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict, _Packed)))
+
+
+def _floating_inputs_to_weight_dtype(module, args, kwargs):
+    # read at call time: auto_kernel_selection switches the weights between fp32 and bf16
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    if dtype is None:
+        return None
+
+    def cast(a):
+        return a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+
 def _cast_rest_to_bf16(model: nn.Module, report: Report) -> list:
     """Modules ipex_lite does not pack compute in bf16 too (norms keep fp32
     parameters: their kernels take bf16 inputs with fp32 weights).  Returns
     what was replaced, as (module, name, original) to undo it."""
     undo = []
     bn_refs = {id(m.bn) for m in model.modules() if isinstance(m, _Packed) and m.bn is not None}
+    inside_hooked = set()
     for name, m in model.named_modules():
+        if _torch_composite(m) and id(m) not in inside_hooked and any(True for _ in m.parameters()):
+            # torch's composite modules (TransformerEncoder, MultiheadAttention, ...) require their input
+            # and weights to share a dtype: their weights are cast below, their inputs by this hook
+            m.register_forward_pre_hook(_floating_inputs_to_weight_dtype, with_kwargs=True)
+            inside_hooked.update(id(sub) for sub in m.modules())
+            report.add(name, "bf16", f"torch's {type(m).__name__} reads its weights directly: its floating "
+                       "inputs (masks included) are cast to its weights' dtype")
         if isinstance(m, (_Packed, FoldedBatchNorm) + _NORMS) or id(m) in bn_refs:
             continue
         params = [p for p in m.parameters(recurse=False) if p.is_floating_point() and p.dtype != torch.bfloat16]
@@ -601,8 +626,7 @@ def _compute_kind(mod: nn.Module) -> Optional[str]:
 
 def _why_left_alone(path: str, mod: nn.Module, ancestors: List[nn.Module]) -> str:
     # torch's own composite modules; plain containers (nn.Module is what fx makes for a graph's paths) aside
-    composite = next((a for a in ancestors if type(a).__module__.startswith("torch.nn") and type(a) is not nn.Module
-                      and not isinstance(a, (nn.Sequential, nn.ModuleList, nn.ModuleDict))), None)
+    composite = next((a for a in ancestors if _torch_composite(a)), None)
     if composite is not None and composite is not mod:
         return (f"inside torch's {type(composite).__name__}, which reads its weights directly (its inference "
                 "fast path), so a packed replacement would never be called")

@@ -142,3 +142,25 @@ def test_hugging_face_output_attentions_falls_back_to_torch():
         want = model(ids).last_hidden_state
         got = opt(ids, output_attentions=True).last_hidden_state
     assert _rel_err(got, want) < 1e-5
+
+
+# ---------------------------------------------------------------- torch.nn's own transformer
+
+def test_nn_transformer_encoder_bf16_runs_and_explains_why_nothing_is_packed():
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 2,
+                                enable_nested_tensor=False).eval()
+    x = torch.randn(2, 10, 64)
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 6:] = True
+    with pytest.warns(UserWarning, match="changed none"):
+        opt = ipex_lite.optimize(enc, dtype=torch.bfloat16)
+    _check_explained(enc, opt)
+    with torch.no_grad():
+        want = enc(x, src_key_padding_mask=pad)
+        got = opt(x, src_key_padding_mask=pad)  # fp32 input and mask reach bf16 weights: cast by a hook
+        keep = ~pad
+        assert _rel_err(got[keep], want[keep]) < 5e-2
+        float_mask = torch.zeros(10, 10).masked_fill(torch.ones(10, 10).triu(1).bool(), float("-inf"))
+        got = opt(x, mask=float_mask)
+        assert _rel_err(got, enc(x, mask=float_mask)) < 5e-2

@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # script -> (full arguments, quick arguments or None when not in the quick subset)
 SCRIPTS = {
     "models": ([], None),
+    "zoo": (["--no-compile"], None),
     "int8": ([], None),
     "interaction": ([], ["--quick", "--no-compile"]),
     "attention": ([], ["--quick"]),

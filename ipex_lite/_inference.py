@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._hf_attention import is_transformers_model, use_ipex_lite_attention
+from .nn.attention import InferenceMultiheadAttention
 from .nn.functional import max_pool2d as fast_max_pool2d
 from .nn.functional import scaled_dot_product_attention as fused_sdpa
 from .nn.prepacked import (UNARY, PackCache, PackedConv, PackedConvTranspose, PackedLinear, _hardtanh, _leaky,
@@ -409,6 +410,21 @@ def _use_fast_pooling(model: nn.Module, report: Report) -> None:
                 report.add(_join(parent_name, name), "replaced", "MaxPool2d -> ipex_lite kernel (no indices)")
 
 
+def _use_fast_attention(mod: nn.Module, prefix: str, knobs: Knobs, report: Report) -> None:
+    """nn.MultiheadAttention -> InferenceMultiheadAttention, except inside torch's own modules
+    (TransformerEncoderLayer & co. read the attention's weights in their fast paths)."""
+    for name, child in list(mod.named_children()):
+        path = _join(prefix, name)
+        if type(child) is nn.MultiheadAttention:
+            setattr(mod, name, InferenceMultiheadAttention.from_module(child, knobs.dtype, knobs.weights_prepack))
+            served = child._qkv_same_embed_dim and child.bias_k is None and not child.add_zero_attn
+            report.add(path, "replaced", "MultiheadAttention -> packed QKV/out projections + ipex_lite attention "
+                       "kernel for self-attention without weights" + ("" if served else
+                                                                      " (this one's options: stock forward)"))
+        elif not _torch_composite(child):
+            _use_fast_attention(child, path, knobs, report)
+
+
 def _mark_inplace_adds(gm: fx.GraphModule) -> None:
     """A fused conv + add may write the sum into ``other`` when that is the
     fresh output of another packed layer and nothing reads it afterwards:
@@ -585,8 +601,8 @@ def _cast_rest_to_bf16(model: nn.Module, report: Report) -> list:
             inside_hooked.update(id(sub) for sub in m.modules())
             report.add(name, "bf16", f"torch's {type(m).__name__} reads its weights directly: its floating "
                        "inputs (masks included) are cast to its weights' dtype")
-        if isinstance(m, (_Packed, FoldedBatchNorm) + _NORMS) or id(m) in bn_refs:
-            continue
+        if isinstance(m, (_Packed, FoldedBatchNorm, InferenceMultiheadAttention) + _NORMS) or id(m) in bn_refs:
+            continue  # (the attention's projections are packed modules that compute in the model's dtype)
         params = [p for p in m.parameters(recurse=False) if p.is_floating_point() and p.dtype != torch.bfloat16]
         bufs = [b for b in m.buffers(recurse=False) if b.is_floating_point() and b.dtype != torch.bfloat16]
         if not params and not bufs:
@@ -653,7 +669,7 @@ def _report_left_alone(model: nn.Module, report: Report) -> int:
     stack = [("", model, [])]
     while stack:
         path, mod, ancestors = stack.pop()
-        if isinstance(mod, _Packed):
+        if isinstance(mod, (_Packed, InferenceMultiheadAttention)):
             changed += 1
             continue
         kind = _compute_kind(mod)
@@ -673,6 +689,8 @@ def optimize_for_inference(model: nn.Module, knobs: Knobs, sample_input=None) ->
     model = _rewrite(model, "", knobs, report)
     if knobs.fuse_post_ops:
         _use_fast_pooling(model, report)
+        if knobs.weights_prepack and not _torch_composite(model):
+            _use_fast_attention(model, "", knobs, report)
     if knobs.conv_winograd and knobs.weights_prepack:
         _use_winograd(model, report)
     if knobs.weights_prepack and knobs.dtype == torch.float32:

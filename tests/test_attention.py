@@ -228,3 +228,118 @@ def test_every_isa_level_matches_reference(level):
     res = run_at_level(level, _LEVEL_SCRIPT)
     for key, err in res["errors"].items():
         assert err < (2e-2 if "bfloat16" in key else 1e-5), (key, err)
+
+
+# ---------------------------------------------------------------- nn.MultiheadAttention replacement
+
+from torch.profiler import profile  # noqa: E402
+
+from ipex_lite.nn.attention import InferenceMultiheadAttention  # noqa: E402
+
+
+def _mha_pair(batch_first=True, **kw):
+    torch.manual_seed(0)
+    stock = nn.MultiheadAttention(32, 4, batch_first=batch_first, **kw).eval()
+    return stock, InferenceMultiheadAttention.from_module(stock)
+
+
+def _mha_masks(b, length, heads=4):
+    g = torch.Generator().manual_seed(1)
+    kpm = torch.zeros(b, length, dtype=torch.bool)
+    kpm[1, length - 2:] = True
+    causal = torch.ones(length, length, dtype=torch.bool).triu(1)
+    return [{}, {"key_padding_mask": kpm}, {"attn_mask": torch.randn(length, length, generator=g)},
+            {"attn_mask": causal, "is_causal": True}, {"attn_mask": causal, "key_padding_mask": kpm},
+            {"attn_mask": torch.randn(b * heads, length, length, generator=g), "key_padding_mask": kpm},
+            {"key_padding_mask": torch.zeros(b, length).masked_fill(kpm, float("-inf"))}]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_matches_stock_with_every_mask(batch_first):
+    stock, fast = _mha_pair(batch_first)
+    assert set(fast.state_dict()) == set(stock.state_dict())
+    assert fast.in_proj_weight is stock.in_proj_weight and fast.out_proj.weight is stock.out_proj.weight
+    b, length = 3, 7
+    x = torch.randn(b, length, 32) if batch_first else torch.randn(length, b, 32)
+    with torch.no_grad():
+        for kw in _mha_masks(b, length):
+            want = stock(x, x, x, need_weights=False, **kw)[0]
+            got, weights = fast(x, x, x, need_weights=False, **kw)
+            assert weights is None
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=str(list(kw)))
+        with profile() as prof:
+            fast(x, x, x, need_weights=False)
+        assert any(e.key == "ipex_lite::scaled_dot_product_attention" for e in prof.key_averages())
+        # not served by the kernel: stock's forward, stock's result
+        want, want_w = stock(x, x, x)
+        got, got_w = fast(x, x, x)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got_w, want_w)
+        y = torch.randn_like(x)
+        torch.testing.assert_close(fast(x, y, y, need_weights=False)[0], stock(x, y, y, need_weights=False)[0])
+        xt = x.transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous input
+        torch.testing.assert_close(fast(xt, xt, xt, need_weights=False)[0], stock(xt, xt, xt, need_weights=False)[0],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_multihead_attention_bf16_training_and_bad_inputs():
+    stock, _ = _mha_pair()
+    bf16 = InferenceMultiheadAttention.from_module(stock, dtype=torch.bfloat16)
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        want = stock(x, x, x, need_weights=False)[0]
+        got = bf16(x, x, x, need_weights=False)[0]
+    assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() / want.abs().max() < 3e-2
+    # gradients: stock's forward, stock's gradients
+    _, fast = _mha_pair()
+    xg = x.clone().requires_grad_()
+    fast(xg, xg, xg)[0].sum().backward()
+    xs = x.clone().requires_grad_()
+    stock(xs, xs, xs)[0].sum().backward()
+    torch.testing.assert_close(xg.grad, xs.grad)
+    # bad inputs: the same error class and message as stock's
+    bad = [dict(key_padding_mask=torch.zeros(3, 9, dtype=torch.bool)), dict(attn_mask=torch.zeros(5, 5)),
+           dict(attn_mask=torch.zeros(9, 9, dtype=torch.int64)), dict(key_padding_mask=torch.zeros(2, 4))]
+    for kw in bad:
+        with pytest.raises(Exception) as theirs:
+            stock(x, x, x, need_weights=False, **kw)
+        with pytest.raises(type(theirs.value)) as ours:
+            fast(x, x, x, need_weights=False, **kw)
+        assert str(ours.value) == str(theirs.value)
+    with pytest.raises(AssertionError):
+        fast(torch.randn(2, 9, 16), torch.randn(2, 9, 16), torch.randn(2, 9, 16))
+    empty = torch.randn(0, 9, 32)
+    with torch.no_grad():
+        assert fast(empty, empty, empty, need_weights=False)[0].shape == (0, 9, 32)
+
+
+def test_optimize_replaces_standalone_multihead_attention_only():
+    import ipex_lite
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = nn.LayerNorm(32)
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.enc = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+
+        def forward(self, x):
+            y = self.ln(x)
+            return self.enc(x + self.attn(y, y, y, need_weights=False)[0])
+
+    model = Block().eval()
+    opt = ipex_lite.optimize(model)
+    assert isinstance(opt.attn, InferenceMultiheadAttention)
+    assert type(opt.enc.self_attn) is nn.MultiheadAttention  # the encoder layer's fast path reads its weights
+    text = ipex_lite.explain(opt)
+    assert "MultiheadAttention -> packed QKV/out projections" in text
+    assert "inside torch's TransformerEncoderLayer" in text
+    x = torch.randn(2, 6, 32)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(opt(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.jit.freeze(torch.jit.trace(opt, x))(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.compile(opt)(x), want, rtol=1e-4, atol=1e-4)
+        bf16 = ipex_lite.optimize(model, dtype=torch.bfloat16)(x).float()
+    assert ((bf16 - want).abs().max() / want.abs().max()).item() < 5e-2
+    assert set(opt.state_dict()) == set(model.state_dict())

@@ -724,8 +724,7 @@ def test_explain_lists_every_compute_layer_left_alone_with_the_reason():
     lines = {line.split()[0]: line for line in text.splitlines()[1:]}
     assert "prepacked: MyLinear" in lines["mine"] and "prepacked: TransposedLinear" in lines["t"]
     assert "left alone" in lines["scaled"] and "neither x W^T + b nor x W + b" in lines["scaled"]
-    assert "left alone" in lines["attn"] and "MultiheadAttention" in lines["attn"]
-    assert "left alone" in lines["attn.out_proj"] and "reads its weights directly" in lines["attn.out_proj"]
+    assert "replaced: MultiheadAttention -> packed QKV/out projections" in lines["attn"]
     assert "emb" not in lines  # a lookup, not a compute layer
     x = torch.randn(2, 5, 8)
     with torch.no_grad():

@@ -44,14 +44,22 @@ def _tokens(batch=8, seq=128, vocab=30000):
     return torch.randint(1, vocab, (batch, seq))
 
 
+def _realistic(model):
+    """BatchNorm statistics as after training, and no all-zero Linear (torchvision's ViT head starts at 0)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and not m.weight.abs().sum():
+            nn.init.normal_(m.weight, std=0.02)
+    return _trained_looking_bn(model)
+
+
 def _tv(name):
     import torchvision
-    return lambda: _trained_looking_bn(getattr(torchvision.models, name)())
+    return lambda: _realistic(getattr(torchvision.models, name)())
 
 
 def _timm(name):
     import timm
-    return lambda: _trained_looking_bn(timm.create_model(name, pretrained=False))
+    return lambda: _realistic(timm.create_model(name, pretrained=False))
 
 
 def _hf(kind):
@@ -99,9 +107,11 @@ def _summary(opt) -> str:
     text = ipex_lite.explain(opt)
     lines = text.splitlines()[1:]
     packed = sum(" prepacked:" in line for line in lines)
+    mha = sum("MultiheadAttention -> packed" in line for line in lines)
     alone = sum(" left alone:" in line for line in lines)
-    attention = any(" attention" in line and "ipex_lite kernel" in line for line in lines)
-    return f"{packed} packed, {alone} left alone" + (", attention kernel" if attention else "")
+    attention = mha or any(" attention:" in line and "ipex_lite kernel" in line for line in lines)
+    return (f"{packed} packed" + (f" + {mha} attention modules" if mha else "") + f", {alone} left alone"
+            + (", attention kernel" if attention else ""))
 
 
 def bench_model(name, args, report, ipex):

@@ -171,17 +171,22 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown models {unknown}; known: {', '.join(MODELS)}")
     ipex = import_ipex()
+    failed = False
     report = Report("model zoo inference (no_grad)", reference="stock fp32")
     for name in names:
         try:
             bench_model(name, args, report, ipex)
         except ImportError as e:  # torchvision / timm / transformers absent beside this torch
             print(f"zoo: {name} skipped: {e}", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - one model's failure is reported, the others still run
+            print(f"zoo: {name} FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+            failed = True
     report.emit(args.json, ["images: batch 8 x 3 x 224 x 224; transformers: 4 layers, base size, batch 8 x 128 "
                             "(llama: 1024 hidden, 16 heads / 4 KV heads, batch 4 x 128)",
                             "err: largest |system - stock fp32| over the largest |stock fp32| output",
                             "vs autocast: stock bf16 autocast median / system median"])
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,6 +2,7 @@
 parity within the quantization error bound, uint8 chaining, qconf summaries,
 save/load in a fresh process (torch.save and TorchScript), model size, and
 top-1 accuracy on real data (scikit-learn's digits) within 1 point of fp32."""
+import copy
 import io
 import json
 import os
@@ -339,3 +340,23 @@ def test_save_load_in_a_fresh_process_and_size(tmp_path):
     big = nn.Sequential(nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128 * 16, 256)).eval()
     big_int8 = q.convert(_calibrate(big, [torch.randn(2, 64, 4, 4)]))
     assert size(big) >= 3.5 * size(big_int8), (size(big), size(big_int8))
+
+
+@pytest.mark.parametrize("act", [nn.LeakyReLU(0.1), nn.SiLU(), nn.Hardswish(), nn.ReLU6(), nn.GELU(), nn.Tanh()])
+def test_every_fusable_activation_after_conv_and_linear_runs_in_int8(act):
+    """Activations the int8 kernels do not apply themselves (torch 2.14's qconv refuses leaky_relu)
+    run after the int8 layer in fp32, instead of raising."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), act, nn.Flatten(), nn.Linear(8 * 14 * 14, 16),
+                          copy.deepcopy(act)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.2, 0.2)
+        model[1].running_var.uniform_(0.5, 1.5)
+    x = torch.randn(4, 3, 16, 16)
+    prepared = q.prepare(model, q.default_static_qconfig_mapping, example_inputs=x)
+    with torch.no_grad():
+        prepared(x)
+        int8 = q.convert(prepared)
+        got, want = int8(x), model(x)
+    assert ipex_lite.explain(int8).count("int8: Quantized") == 2
+    assert ((got - want).abs().max() / want.abs().max()).item() < 5e-2

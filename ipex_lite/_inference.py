@@ -410,6 +410,15 @@ def _use_fast_pooling(model: nn.Module, report: Report) -> None:
                 report.add(_join(parent_name, name), "replaced", "MaxPool2d -> ipex_lite kernel (no indices)")
 
 
+def _use_hf_attention(mod: nn.Module, prefix: str, report: Report) -> None:
+    """The outermost transformers models in the tree (the model itself, or one a user wrapped)."""
+    if is_transformers_model(mod):
+        report.add(prefix, "attention", use_ipex_lite_attention(mod))
+        return
+    for name, child in mod.named_children():
+        _use_hf_attention(child, _join(prefix, name), report)
+
+
 def _use_fast_attention(mod: nn.Module, prefix: str, knobs: Knobs, report: Report) -> None:
     """nn.MultiheadAttention -> InferenceMultiheadAttention, except inside torch's own modules
     (TransformerEncoderLayer & co. read the attention's weights in their fast paths)."""
@@ -682,8 +691,8 @@ def _report_left_alone(model: nn.Module, report: Report) -> int:
 
 def optimize_for_inference(model: nn.Module, knobs: Knobs, sample_input=None) -> nn.Module:
     report = Report()
-    if knobs.fuse_post_ops and is_transformers_model(model):
-        report.add("", "attention", use_ipex_lite_attention(model))
+    if knobs.fuse_post_ops:
+        _use_hf_attention(model, "", report)
     if knobs.replace_dropout_with_identity:
         _replace_dropout(model, "", report)
     model = _rewrite(model, "", knobs, report)

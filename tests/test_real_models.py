@@ -134,6 +134,25 @@ def test_hugging_face_models_reach_the_attention_kernel(name):
         assert any(e.key == "ipex_lite::scaled_dot_product_attention" for e in prof.key_averages())
 
 
+def test_hugging_face_model_inside_a_user_module_is_switched_too():
+    class Wrapper(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model(ids, return_dict=False)[0]
+
+    model = Wrapper(_hf_models()["llama"]()).eval()
+    opt = ipex_lite.optimize(model)
+    assert opt.model.config._attn_implementation == "ipex_lite"
+    assert any(line.split()[0] == "model" and "ipex_lite kernel" in line
+               for line in ipex_lite.explain(opt).splitlines()[1:])
+    ids = torch.randint(1, 100, (2, 9))
+    with torch.no_grad():
+        assert _rel_err(opt(ids), model(ids)) < 1e-5
+
+
 def test_hugging_face_output_attentions_falls_back_to_torch():
     model = _hf_models()["bert"]().eval()
     opt = ipex_lite.optimize(model)

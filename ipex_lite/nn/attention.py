@@ -10,6 +10,7 @@ stock's results and stock's errors.  ``ipex_lite.optimize`` swaps it in for the
 ``nn.MultiheadAttention`` modules that are not inside another torch module (whose fast paths read
 the weights themselves).
 """
+import copy
 from typing import Optional
 
 import torch
@@ -36,7 +37,7 @@ class InferenceMultiheadAttention(nn.MultiheadAttention):
         nn.Module.__init__(new)
         for k, v in mha.__dict__.items():
             if k not in ("_parameters", "_buffers", "_modules"):
-                new.__dict__[k] = v
+                new.__dict__[k] = copy.copy(v) if isinstance(v, dict) else v  # hook dicts are not shared
         for name, p in mha._parameters.items():
             new.register_parameter(name, p)  # the same Parameters: same keys, values and sharing
         for name, b in mha._buffers.items():

@@ -3,11 +3,13 @@
 # checkout's venv or in-place build: a clean clone of HEAD in a scratch directory runs
 # `make test TORCH_SPEC=<spec>` there (its own venv, its own build).
 #
-#   scripts/test_other_torch.sh "torch==2.8.0"          # the oldest torch ipex_lite supports
+#   scripts/test_other_torch.sh "torch==2.8.0 torchvision==0.23.0"   # the oldest torch ipex_lite supports
 #   scripts/test_other_torch.sh "torch==2.13.0" /tmp/t   # keep the scratch clone in /tmp/t
 #
-# torch 2.13 is installed from this machine's disk; other versions come from the package index
-# (the PyPI wheels of torch 2.8 pull in the CUDA runtime packages, ~3 GB).
+# The spec is make's TORCH_SPEC: a space-separated list of requirements.  torch 2.13 is installed from
+# this machine's disk (no torchvision imports beside it: those tests skip); torch 2.8 comes from the
+# package index (its PyPI wheels pull in the CUDA runtime packages, ~3 GB; PIP_ARGS="--find-links DIR"
+# reuses a `pip download` of them).
 set -euo pipefail
 spec=${1:?usage: $0 TORCH_SPEC [SCRATCH_DIR]}
 root=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)

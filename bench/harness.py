@@ -25,6 +25,22 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def add_model_args(parser: argparse.ArgumentParser, models) -> argparse.ArgumentParser:
+    """--model (comma-separated names of ``models``, all by default) and --no-compile."""
+    parser.add_argument("--model", default=",".join(models))
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="skip torch.compile (minutes of compiling per model on 2 cores)")
+    return parser
+
+
+def selected_models(parser: argparse.ArgumentParser, args, models) -> List[str]:
+    names = args.model.split(",")
+    unknown = [n for n in names if n not in models]
+    if unknown:
+        parser.error(f"unknown models {unknown}; known: {', '.join(models)}")
+    return names
+
+
 def setup_from_args(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.harness import Report, add_common_args, import_ipex, measure, setup_from_args  # noqa: E402
+from bench.harness import (Report, add_common_args, add_model_args, import_ipex, measure,  # noqa: E402
+                           selected_models, setup_from_args)
 
 import ipex_lite  # noqa: E402
 
@@ -209,13 +210,10 @@ def bench_model(name, args, report):
 def main(argv=None):
     parser = add_common_args(argparse.ArgumentParser(description=__doc__,
                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
-    parser.add_argument("--model", default=",".join(MODELS))
-    parser.add_argument("--no-compile", dest="compile", action="store_false",
-                        help="skip torch.compile (minutes of compiling on 2 cores)")
-    args = parser.parse_args(argv)
+    args = add_model_args(parser, MODELS).parse_args(argv)
     setup_from_args(args)
     report = Report("model inference (no_grad)", reference="stock fp32")
-    for name in args.model.split(","):
+    for name in selected_models(parser, args, MODELS):
         bench_model(name, args, report)
     report.emit(args.json, ["resnet50: batch 8 x 3 x 224 x 224; bert: 4 layers, 768 hidden / 12 heads / 3072, "
                             "batch 8 x 128",

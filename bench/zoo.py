@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.harness import Report, add_common_args, import_ipex, measure, setup_from_args  # noqa: E402
+from bench.harness import (Report, add_common_args, add_model_args, import_ipex, measure,  # noqa: E402
+                           selected_models, setup_from_args)
 from bench.models import _compiled, _trained_looking_bn  # noqa: E402
 
 import ipex_lite  # noqa: E402
@@ -161,15 +162,9 @@ def bench_model(name, args, report, ipex):
 def main(argv=None):
     parser = add_common_args(argparse.ArgumentParser(description=__doc__,
                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
-    parser.add_argument("--model", default=",".join(MODELS))
-    parser.add_argument("--no-compile", dest="compile", action="store_false",
-                        help="skip torch.compile (minutes of compiling per model on 2 cores)")
-    args = parser.parse_args(argv)
+    args = add_model_args(parser, MODELS).parse_args(argv)
     setup_from_args(args)
-    names = args.model.split(",")
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        parser.error(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+    names = selected_models(parser, args, MODELS)
     ipex = import_ipex()
     failed = False
     report = Report("model zoo inference (no_grad)", reference="stock fp32")

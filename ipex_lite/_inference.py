@@ -107,6 +107,15 @@ def _bn_subclass_activation(bn: nn.Module):
     confirmed on a probe input (eval mode, so Dropout is the identity)."""
     if not _bn_subclass(bn) or bn.training or bn.running_mean is None:
         return None
+    if bn not in _NORM_ACTIVATION:  # probed once per module (asked while folding and again while fusing)
+        _NORM_ACTIVATION[bn] = _probe_norm_activation(bn)
+    return _NORM_ACTIVATION[bn]
+
+
+_NORM_ACTIVATION: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+
+
+def _probe_norm_activation(bn: nn.Module):
     children = list(bn.children())
     act = None
     for i, child in enumerate(children):
@@ -237,6 +246,19 @@ def _make_packed(layer, bn, unary, spec, binary, knobs: Knobs):
     return PackedLinear(layer, binary=binary, transposed=_linear_orientation(layer) == "transposed", **common)
 
 
+def _linear_like_params(mod: nn.Module):
+    """(weight, bias) of a leaf holding a 2-D floating weight and at most a 1-D bias that is not an
+    embedding (a GEMM whatever its class), else None."""
+    if isinstance(mod, (_Packed,) + _EMBEDDINGS) or next(mod.children(), None) is not None:
+        return None
+    params = dict(mod.named_parameters(recurse=False))
+    w, b = params.get("weight"), params.get("bias")
+    if w is None or w.dim() != 2 or not w.is_floating_point() or not set(params) <= {"weight", "bias"} \
+            or (b is not None and b.dim() != 1):
+        return None
+    return w, b
+
+
 # module -> "linear" | "transposed" | None, probed once per module
 _ORIENTATION: "weakref.WeakKeyDictionary[nn.Module, Optional[str]]" = weakref.WeakKeyDictionary()
 
@@ -251,11 +273,9 @@ def _linear_orientation(mod: nn.Module) -> Optional[str]:
     if mod in _ORIENTATION:
         return _ORIENTATION[mod]
     found = None
-    params = dict(mod.named_parameters(recurse=False))
-    w, b = params.get("weight"), params.get("bias")
-    if (not isinstance(mod, (_Packed,) + _EMBEDDINGS) and next(mod.children(), None) is None and w is not None
-            and w.dim() == 2 and w.is_floating_point() and set(params) <= {"weight", "bias"}
-            and (b is None or b.dim() == 1)):
+    wb = _linear_like_params(mod)
+    if wb is not None:
+        w, b = wb
         g = torch.Generator().manual_seed(0)
         candidates = {"linear": (w.shape[1], w.shape[0], lambda x: F.linear(x, w, b)),
                       "transposed": (w.shape[0], w.shape[1], lambda x: x @ w + (0 if b is None else b))}
@@ -640,16 +660,10 @@ def _compute_kind(mod: nn.Module) -> Optional[str]:
         return "convolution"
     if isinstance(mod, nn.Linear):
         return "linear"
-    if isinstance(mod, _EMBEDDINGS) or next(mod.children(), None) is not None:
-        return None
-    params = dict(mod.named_parameters(recurse=False))
-    w = params.get("weight")
-    if w is not None and w.dim() == 2 and w.is_floating_point() and set(params) <= {"weight", "bias"}:
-        return "linear-like"
-    return None
+    return "linear-like" if _linear_like_params(mod) is not None else None
 
 
-def _why_left_alone(path: str, mod: nn.Module, ancestors: List[nn.Module]) -> str:
+def _why_left_alone(mod: nn.Module, ancestors: List[nn.Module]) -> str:
     # torch's own composite modules; plain containers (nn.Module is what fx makes for a graph's paths) aside
     composite = next((a for a in ancestors if _torch_composite(a)), None)
     if composite is not None and composite is not mod:
@@ -683,7 +697,7 @@ def _report_left_alone(model: nn.Module, report: Report) -> int:
             continue
         kind = _compute_kind(mod)
         if kind is not None:
-            report.add(path, "left alone", f"{type(mod).__name__} ({kind}): {_why_left_alone(path, mod, ancestors)}")
+            report.add(path, "left alone", f"{type(mod).__name__} ({kind}): {_why_left_alone(mod, ancestors)}")
         for name, child in reversed(list(mod.named_children())):
             stack.append((_join(path, name), child, ancestors + [mod]))
     return changed

@@ -743,17 +743,6 @@ def test_optimize_warns_once_when_it_changed_no_compute_layer():
         ipex_lite.optimize(nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval())
 
 
-class _FirstOutput(nn.Module):
-    """A Hugging Face model returning a plain tensor, as torch.jit.trace needs."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids):
-        return self.model(ids, use_cache=False, return_dict=False)[0]
-
-
 def _gpt2(layers=2):
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     torch.manual_seed(0)
@@ -782,6 +771,7 @@ def test_hugging_face_conv1d_packed_in_fp32_bf16_int8_trace_and_compile():
         torch.testing.assert_close(opt(ids).last_hidden_state, want, rtol=1e-5, atol=1e-5 * scale)
         bf16 = ipex_lite.optimize(model, dtype=torch.bfloat16)(ids).last_hidden_state.float()
         assert ((bf16 - want).abs().max() / scale).item() < 5e-2
+        from bench.zoo import _FirstOutput  # the Hugging Face model as tensor -> tensor, for the tracer
         traced = torch.jit.freeze(torch.jit.trace(_FirstOutput(opt).eval(), ids))
         torch.testing.assert_close(traced(ids), want, rtol=1e-5, atol=1e-5 * scale)
         compiled = torch.compile(opt)
@@ -820,15 +810,7 @@ class ScaledNorm(nn.BatchNorm2d):
         return super().forward(x) * 2 + 1
 
 
-def _randomise_bn(model):
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-    return model.eval()
+from tests.test_real_models import _realistic  # noqa: E402  (random BatchNorm statistics and affine terms)
 
 
 class NormActNet(nn.Module):
@@ -847,7 +829,7 @@ class NormActNet(nn.Module):
 
 @pytest.mark.parametrize("graph_mode", [True, False])
 def test_batchnorm_subclasses_fold_with_their_activation(graph_mode):
-    model = _randomise_bn(NormActNet())
+    model = _realistic(NormActNet())
     opt = ipex_lite.optimize(model, graph_mode=graph_mode)
     text = ipex_lite.explain(opt)
     assert "NormAct folded + leaky_relu fused" in text or not graph_mode
@@ -866,7 +848,7 @@ def test_timm_batchnormact_folded_in_fp32_bf16_and_int8():
     timm = pytest.importorskip("timm", reason="timm (and torchvision, which it imports) not installed")
     from ipex_lite import quantization
     torch.manual_seed(0)
-    model = _randomise_bn(timm.create_model("cs3darknet_s", pretrained=False, num_classes=10))
+    model = _realistic(timm.create_model("cs3darknet_s", pretrained=False, num_classes=10))
     n_norms = sum(type(m).__name__ == "BatchNormAct2d" for m in model.modules())
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

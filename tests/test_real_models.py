@@ -135,15 +135,8 @@ def test_hugging_face_models_reach_the_attention_kernel(name):
 
 
 def test_hugging_face_model_inside_a_user_module_is_switched_too():
-    class Wrapper(nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, ids):
-            return self.model(ids, return_dict=False)[0]
-
-    model = Wrapper(_hf_models()["llama"]()).eval()
+    from bench.zoo import _FirstOutput  # a plain nn.Module around the transformers model
+    model = _FirstOutput(_hf_models()["llama"]()).eval()
     opt = ipex_lite.optimize(model)
     assert opt.model.config._attn_implementation == "ipex_lite"
     assert any(line.split()[0] == "model" and "ipex_lite kernel" in line

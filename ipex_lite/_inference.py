@@ -29,6 +29,8 @@ from torch import nn
 
 from ._hf_attention import is_transformers_model, use_ipex_lite_attention
 from .nn.attention import InferenceMultiheadAttention
+from .nn.transformer import _activation_name
+from .nn.transformer import fast_module as fast_transformer_module
 from .nn.functional import max_pool2d as fast_max_pool2d
 from .nn.functional import scaled_dot_product_attention as fused_sdpa
 from .nn.prepacked import (UNARY, PackCache, PackedConv, PackedConvTranspose, PackedLinear, _hardtanh, _leaky,
@@ -439,19 +441,37 @@ def _use_hf_attention(mod: nn.Module, prefix: str, report: Report) -> None:
         _use_hf_attention(child, _join(prefix, name), report)
 
 
-def _use_fast_attention(mod: nn.Module, prefix: str, knobs: Knobs, report: Report) -> None:
-    """nn.MultiheadAttention -> InferenceMultiheadAttention, except inside torch's own modules
-    (TransformerEncoderLayer & co. read the attention's weights in their fast paths)."""
+def _swap_note(mod: nn.Module) -> str:
+    if isinstance(mod, nn.MultiheadAttention):
+        served = mod._qkv_same_embed_dim and mod.bias_k is None and not mod.add_zero_attn
+        return ("MultiheadAttention -> packed QKV/out projections + ipex_lite attention kernel for calls "
+                "without attention weights" + ("" if served else " (this one's options: stock forward)"))
+    if isinstance(mod, nn.TransformerEncoder):
+        return ("TransformerEncoder -> ipex_lite's: its layers run on the padded batch (no nested tensors; "
+                "padded positions zeroed where stock's nested path would zero them)")
+    act = _activation_name(mod.activation)
+    return (f"{type(mod).__name__} -> packed attention projections and feed-forward GEMMs "
+            f"({act + ' fused into linear1, ' if act else ''}residual adds fused into the GEMMs) + ipex_lite "
+            "attention kernel")
+
+
+def _use_fast_transformers(mod: nn.Module, prefix: str, knobs: Knobs, report: Report) -> nn.Module:
+    """torch's MultiheadAttention and Transformer* modules -> ipex_lite.nn's (their eval fast paths read
+    the weights themselves, so their packed children alone would never be called); returns what
+    replaces ``mod``."""
+    fast = fast_transformer_module(mod, knobs.dtype, knobs.weights_prepack)
+    if fast is not None:
+        report.add(prefix, "replaced", _swap_note(mod))
+        if not isinstance(fast, nn.TransformerEncoder):
+            return fast  # its children are ipex_lite's already
+        mod = fast
+    elif _torch_composite(mod) and not isinstance(mod, (nn.Transformer, nn.TransformerDecoder)):
+        return mod
     for name, child in list(mod.named_children()):
-        path = _join(prefix, name)
-        if type(child) is nn.MultiheadAttention:
-            setattr(mod, name, InferenceMultiheadAttention.from_module(child, knobs.dtype, knobs.weights_prepack))
-            served = child._qkv_same_embed_dim and child.bias_k is None and not child.add_zero_attn
-            report.add(path, "replaced", "MultiheadAttention -> packed QKV/out projections + ipex_lite attention "
-                       "kernel for self-attention without weights" + ("" if served else
-                                                                      " (this one's options: stock forward)"))
-        elif not _torch_composite(child):
-            _use_fast_attention(child, path, knobs, report)
+        new = _use_fast_transformers(child, _join(prefix, name), knobs, report)
+        if new is not child:
+            setattr(mod, name, new)
+    return mod
 
 
 def _mark_inplace_adds(gm: fx.GraphModule) -> None:
@@ -670,7 +690,8 @@ def _why_left_alone(mod: nn.Module, ancestors: List[nn.Module]) -> str:
         return (f"inside torch's {type(composite).__name__}, which reads its weights directly (its inference "
                 "fast path), so a packed replacement would never be called")
     if isinstance(mod, nn.MultiheadAttention):
-        return "nn.MultiheadAttention reads in_proj_weight / out_proj directly; no ipex_lite replacement yet"
+        return ("nn.MultiheadAttention reads in_proj_weight / out_proj directly; ipex_lite replaces it when "
+                "optimize packs weights (weights_prepack and fuse_post_ops on)")
     if not any(p.is_floating_point() for p in mod.parameters(recurse=False)):
         return "weights are not floating point"
     if type(mod) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d):
@@ -712,8 +733,8 @@ def optimize_for_inference(model: nn.Module, knobs: Knobs, sample_input=None) ->
     model = _rewrite(model, "", knobs, report)
     if knobs.fuse_post_ops:
         _use_fast_pooling(model, report)
-        if knobs.weights_prepack and not _torch_composite(model):
-            _use_fast_attention(model, "", knobs, report)
+        if knobs.weights_prepack:
+            model = _use_fast_transformers(model, "", knobs, report)
     if knobs.conv_winograd and knobs.weights_prepack:
         _use_winograd(model, report)
     if knobs.weights_prepack and knobs.dtype == torch.float32:

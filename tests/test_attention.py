@@ -313,7 +313,7 @@ def test_multihead_attention_bf16_training_and_bad_inputs():
         assert fast(empty, empty, empty, need_weights=False)[0].shape == (0, 9, 32)
 
 
-def test_optimize_replaces_standalone_multihead_attention_only():
+def test_optimize_replaces_multihead_attention_and_encoder_layers():
     import ipex_lite
 
     class Block(nn.Module):
@@ -330,10 +330,12 @@ def test_optimize_replaces_standalone_multihead_attention_only():
     model = Block().eval()
     opt = ipex_lite.optimize(model)
     assert isinstance(opt.attn, InferenceMultiheadAttention)
-    assert type(opt.enc.self_attn) is nn.MultiheadAttention  # the encoder layer's fast path reads its weights
+    # the encoder layer's fast path reads its weights: the whole layer is replaced
+    assert type(opt.enc).__name__ == "InferenceTransformerEncoderLayer"
+    assert isinstance(opt.enc.self_attn, InferenceMultiheadAttention)
     text = ipex_lite.explain(opt)
     assert "MultiheadAttention -> packed QKV/out projections" in text
-    assert "inside torch's TransformerEncoderLayer" in text
+    assert "TransformerEncoderLayer -> packed attention projections" in text and "left alone" not in text
     x = torch.randn(2, 6, 32)
     with torch.no_grad():
         want = model(x)

@@ -10,6 +10,7 @@ from torch import nn
 from torch.profiler import profile
 
 import ipex_lite
+from ipex_lite import quantization
 from ipex_lite._inference import _compute_kind
 from ipex_lite.nn.prepacked import _Packed
 
@@ -37,7 +38,9 @@ def _check_explained(model: nn.Module, opt: nn.Module) -> str:
     """Every compute layer of the original model is either packed or named in explain()."""
     text = ipex_lite.explain(opt)
     mentioned = {line.split()[0] for line in text.splitlines()[1:]}
-    packed = {name for name, m in opt.named_modules() if isinstance(m, _Packed)}
+    # packed, or replaced by one of ipex_lite's modules (attention)
+    packed = {name for name, m in opt.named_modules() if isinstance(m, _Packed)
+              or type(m).__module__.startswith("ipex_lite.nn")}
     for name, m in model.named_modules():
         if _compute_kind(m) is not None:
             assert name in packed or name in mentioned, f"{name} ({type(m).__name__}) is not accounted for:\n{text}"
@@ -158,21 +161,22 @@ def test_hugging_face_output_attentions_falls_back_to_torch():
 
 # ---------------------------------------------------------------- torch.nn's own transformer
 
-def test_nn_transformer_encoder_bf16_runs_and_explains_why_nothing_is_packed():
+def test_nn_transformer_encoder_every_layer_replaced_in_fp32_bf16_and_int8():
     torch.manual_seed(0)
-    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 2,
-                                enable_nested_tensor=False).eval()
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 2).eval()
     x = torch.randn(2, 10, 64)
     pad = torch.zeros(2, 10, dtype=torch.bool)
     pad[1, 6:] = True
-    with pytest.warns(UserWarning, match="changed none"):
-        opt = ipex_lite.optimize(enc, dtype=torch.bfloat16)
-    _check_explained(enc, opt)
+    float_mask = torch.zeros(10, 10).masked_fill(torch.ones(10, 10).triu(1).bool(), float("-inf"))
     with torch.no_grad():
         want = enc(x, src_key_padding_mask=pad)
-        got = opt(x, src_key_padding_mask=pad)  # fp32 input and mask reach bf16 weights: cast by a hook
-        keep = ~pad
-        assert _rel_err(got[keep], want[keep]) < 5e-2
-        float_mask = torch.zeros(10, 10).masked_fill(torch.ones(10, 10).triu(1).bool(), float("-inf"))
-        got = opt(x, mask=float_mask)
-        assert _rel_err(got, enc(x, mask=float_mask)) < 5e-2
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+            opt = ipex_lite.optimize(enc, dtype=dtype)
+            _check_explained(enc, opt)
+            assert _rel_err(opt(x, src_key_padding_mask=pad), want) < tol
+            assert _rel_err(opt(x, mask=float_mask), enc(x, mask=float_mask)) < tol
+    prepared = quantization.prepare(enc, quantization.default_static_qconfig_mapping, example_inputs=x)
+    with torch.no_grad():
+        prepared(x)
+        int8 = quantization.convert(prepared)
+        assert _rel_err(int8(x), enc(x)) < 3e-2

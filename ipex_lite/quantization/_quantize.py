@@ -15,7 +15,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .._inference import Knobs, Report, _replace_dropout, _rewrite, _set
+from .._inference import Knobs, Report, _replace_dropout, _rewrite, _set, _use_fast_transformers
+from ..nn.attention import InferenceMultiheadAttention
 from ..nn.prepacked import PackedConv, PackedLinear, _Packed
 from ._modules import QuantizedConv, QuantizedLinear, _QuantizedLayer
 from ._observers import FixedRange, HistogramObserver, MinMaxObserver
@@ -84,6 +85,17 @@ def _quantizable(m: nn.Module, qconfig: Optional[QConfig]) -> bool:
     return isinstance(m, PackedConv) and m.nd in (1, 2) and m.prepack and not qconfig.dynamic
 
 
+def _packed_layers(model: nn.Module):
+    """(name, module) of every packed layer, with the attention modules' QKV projections (held outside
+    the module tree so the state_dict keeps nn.MultiheadAttention's keys) as "<attention>.in_proj"."""
+    for name, m in model.named_modules():
+        if isinstance(m, _Packed):
+            yield name, m
+        elif isinstance(m, InferenceMultiheadAttention) and isinstance(m.in_proj, _Packed) \
+                and "in_proj" not in m._modules:
+            yield f"{name}.in_proj", m.in_proj
+
+
 class PreparedModel(nn.Module):
     """The model with observers: run calibration batches through it, then ``convert`` it."""
 
@@ -94,7 +106,7 @@ class PreparedModel(nn.Module):
         self.observers: Dict[str, _Observers] = {}
         self._hooks = []
         self.report = report
-        for name, m in model.named_modules():
+        for name, m in _packed_layers(model):
             qc = qconfig_mapping.qconfig_for(name)
             if not isinstance(m, _Packed) or not _quantizable(m, qc):
                 continue
@@ -161,6 +173,7 @@ def prepare(model: nn.Module, qconfig_mapping: QConfigMapping = default_static_q
     knobs = Knobs(conv_bn_folding=bn_folding, linear_bn_folding=bn_folding)
     _replace_dropout(model, "", report)
     model = _rewrite(model, "", knobs, report)
+    model = _use_fast_transformers(model, "", knobs, report)
     if example_inputs is not None:  # surfaces shape errors now, before observers exist to count it
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         with torch.no_grad():

@@ -24,6 +24,7 @@ from bench.models import _compiled, _trained_looking_bn  # noqa: E402
 
 import ipex_lite  # noqa: E402
 from ipex_lite import quantization  # noqa: E402
+from ipex_lite.nn.prepacked import _Packed  # noqa: E402
 
 
 class _FirstOutput(nn.Module):
@@ -105,14 +106,13 @@ def _int8(model, x):
 
 
 def _summary(opt) -> str:
-    text = ipex_lite.explain(opt)
-    lines = text.splitlines()[1:]
-    packed = sum(" prepacked:" in line for line in lines)
-    mha = sum("MultiheadAttention -> packed" in line for line in lines)
+    lines = ipex_lite.explain(opt).splitlines()[1:]
+    packed = sum(isinstance(m, _Packed) for m in opt.modules())
+    swapped = sum(" replaced: " in line and ("Attention ->" in line or "Layer ->" in line) for line in lines)
     alone = sum(" left alone:" in line for line in lines)
-    attention = mha or any(" attention:" in line and "ipex_lite kernel" in line for line in lines)
-    return (f"{packed} packed" + (f" + {mha} attention modules" if mha else "") + f", {alone} left alone"
-            + (", attention kernel" if attention else ""))
+    attention = swapped or any(" attention:" in line and "ipex_lite kernel" in line for line in lines)
+    return (f"{packed} packed" + (f" + {swapped} attention/transformer modules" if swapped else "")
+            + f", {alone} left alone" + (", attention kernel" if attention else ""))
 
 
 def bench_model(name, args, report, ipex):

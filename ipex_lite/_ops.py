@@ -265,6 +265,14 @@ def _quantize_fake(input, scale, zero_point, dtype):
     return torch.empty_like(input, dtype=dtype)
 
 
+@torch.library.register_fake("ipex_lite::quantize_per_token")
+def _quantize_per_token_fake(input):
+    torch._check(input.is_floating_point(), lambda: "quantize_per_token: input must be floating point")
+    torch._check(input.dim() >= 1, lambda: "quantize_per_token: input must have at least one dimension")
+    return (input.new_empty(input.shape, dtype=torch.uint8),
+            input.new_empty(input.shape[:-1], dtype=torch.float32))
+
+
 @torch.library.register_fake("ipex_lite::dequantize_per_tensor")
 def _dequantize_fake(input, scale, zero_point):
     return torch.empty_like(input, dtype=torch.float32)

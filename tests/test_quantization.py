@@ -58,6 +58,36 @@ def test_quantize_ops_opcheck_and_bad_inputs():
         ops.dequantize_per_tensor(x, 0.1, 0)
 
 
+def ref_per_token(x):
+    amax = x.abs().nan_to_num(0.0).amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    return torch.clamp(torch.round(x / scale), -127, 127).nan_to_num(-127) + 128, scale.squeeze(-1)
+
+
+def test_quantize_per_token_matches_reference_opcheck_and_bad_inputs():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 37) * torch.logspace(-3, 3, 5).view(1, 5, 1)  # rows of very different ranges
+    x[0, 0] = 0.0  # an all-zero row: scale 1
+    x[1, 1, 3] = float("nan")  # NaN: the row's scale from its other values, the element -> -127
+    qx, scale = ops.quantize_per_token(x)
+    want_q, want_s = ref_per_token(x)
+    assert qx.dtype == torch.uint8 and scale.shape == (3, 5)
+    torch.testing.assert_close(scale, want_s)
+    assert (qx.float() - want_q).abs().max().item() <= 1  # x / s vs x * (1 / s): a tie may round apart
+    back = (qx.float() - 128) * scale.unsqueeze(-1)
+    finite = x.isfinite()
+    assert ((back - x).abs()[finite] <= scale.unsqueeze(-1).expand_as(x)[finite] * 0.5 + 1e-6).all()
+    bf = torch.randn(4, 16).bfloat16().t()  # bf16, non-contiguous
+    torch.testing.assert_close(ops.quantize_per_token(bf)[1], ref_per_token(bf.float())[1])
+    q0, s0 = ops.quantize_per_token(torch.empty(0, 8))
+    assert q0.shape == (0, 8) and s0.shape == (0,)
+    assert ops.quantize_per_token(torch.empty(4, 0))[1].tolist() == [1.0] * 4
+    torch.library.opcheck(ops.quantize_per_token, (torch.randn(6, 33),))
+    for bad, msg in ((torch.ones(3, dtype=torch.int32), "floating"), (torch.tensor(1.0), "at least one dimension")):
+        with pytest.raises(RuntimeError, match=msg):
+            ops.quantize_per_token(bad)
+
+
 _LEVEL_SCRIPT = textwrap.dedent("""
     import json, torch, ipex_lite
     ops = torch.ops.ipex_lite
@@ -66,15 +96,20 @@ _LEVEL_SCRIPT = textwrap.dedent("""
     q = ops.quantize_per_tensor(x, 0.02, 7, torch.uint8)
     ref = torch.clamp(torch.round(x * (1.0 / 0.02)) + 7, 0, 255)
     back = ops.dequantize_per_tensor(q, 0.02, 7)
+    rows = torch.randn(7, 1037, generator=g) * torch.arange(1, 8).view(7, 1)  # odd row length: every tail
+    tq, ts = ops.quantize_per_token(rows)
+    want_s = rows.abs().amax(1) / 127
+    tok = max((ts - want_s).abs().max().item(),
+              ((tq.float() - 128) - torch.round(rows / want_s.view(7, 1))).abs().max().item() / 2)
     print(json.dumps({"level": ipex_lite.cpu_capability(), "q": (q.float() - ref).abs().max().item(),
-                      "dq": (back - (q.float() - 7) * 0.02).abs().max().item()}))
+                      "dq": (back - (q.float() - 7) * 0.02).abs().max().item(), "token": tok}))
 """)
 
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_every_isa_level(level):
     res = run_at_level(level, _LEVEL_SCRIPT)
-    assert res["q"] == 0 and res["dq"] == 0
+    assert res["q"] == 0 and res["dq"] == 0 and res["token"] <= 0.5
 
 
 # ---------------------------------------------------------------- layers
@@ -282,6 +317,33 @@ def test_minmax_dynamic_and_skipped_modules():
         part = q.convert(_calibrate(model, [x], mapping))
         assert isinstance(part[0], q.QuantizedLinear) and not isinstance(part[2], q.QuantizedLinear)
         assert ((part(x) - want).abs().max() / want.abs().max()).item() < 0.05
+
+
+def test_per_token_dynamic_linear_accuracy_trace_and_summary(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 8)).eval()
+    # tokens whose ranges differ 1000x: one per-tensor range loses the small ones
+    x = torch.randn(2, 12, 64) * torch.logspace(-2, 1, 12).view(1, 12, 1)
+    with torch.no_grad():
+        want = model(x)
+        tok = q.convert(q.prepare(model, q.per_token_dynamic_qconfig_mapping))
+        dyn = q.convert(q.prepare(model, q.default_dynamic_qconfig_mapping))
+        assert all(m.per_token for m in tok.modules() if isinstance(m, q.QuantizedLinear))
+        assert "dynamic per-token int8" in ipex_lite.explain(tok)
+
+        def row_err(y):  # the worst token, relative to its own scale
+            return ((y - want).abs().amax(-1) / want.abs().amax(-1)).max().item()
+        assert row_err(tok(x)) < 2e-2 < row_err(dyn(x))
+        traced = torch.jit.freeze(torch.jit.trace(tok, x))
+        torch.testing.assert_close(traced(x), tok(x), rtol=1e-4, atol=1e-4)
+        assert tok(x[:0]).shape == (0, 12, 8)
+    prepared = q.prepare(model, q.per_token_dynamic_qconfig_mapping)
+    prepared.save_qconf_summary(str(tmp_path / "s.json"))
+    assert json.load(open(tmp_path / "s.json"))["layers"]["0"] == {"dynamic": True, "granularity": "per_token"}
+    with pytest.raises(ValueError, match="granularity"):
+        q.QConfig(activation=None, dynamic=True, granularity="per_channel")
+    with pytest.raises(ValueError, match="dynamic=True"):
+        q.QConfig(granularity="per_token")
 
 
 def test_uncalibrated_and_bad_arguments():

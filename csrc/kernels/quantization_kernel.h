@@ -1,4 +1,4 @@
-// Per-tensor affine quantization between fp32 and 8-bit integers.
+// Per-tensor affine and per-row symmetric quantization between fp32 and 8-bit integers.
 // Torch-free interface between csrc/ops/quantization.cpp and the per-ISA kernels.
 #pragma once
 
@@ -18,6 +18,11 @@ struct QuantizationKernels {
   // x = (q - zero_point) * scale
   void (*dequantize_u8)(const uint8_t* src, float* dst, float scale, float zero_point, int64_t begin, int64_t end);
   void (*dequantize_s8)(const int8_t* src, float* dst, float scale, float zero_point, int64_t begin, int64_t end);
+  // rows [row_begin, row_end) of a (rows, k) matrix, each symmetric with its own scale, stored as uint8
+  // with zero point 128: scales[r] = max|x_r| / 127 (1 for an all-zero row),
+  // q = clamp(nearbyint(x / scales[r]), -127, 127) + 128
+  void (*quantize_rows_u8)(const float* src, uint8_t* dst, float* scales, int64_t k, int64_t row_begin,
+                           int64_t row_end);
 };
 
 }  // namespace kernels

@@ -5,7 +5,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <optional>
 
 #include "dispatch/isa.h"
@@ -75,15 +77,41 @@ at::Tensor dequantize_per_tensor(const at::Tensor& input, double scale, int64_t 
   return out;
 }
 
+// Symmetric 8-bit with one scale per row of the last dimension (per token): the dynamic activation
+// quantization of LLM-style int8 GEMMs, whose rows differ in range by orders of magnitude.  Stored as
+// uint8 with zero point 128 (one per tensor): oneDNN's fast int8 GEMMs take uint8 sources (an int8
+// source falls to its reference kernel), and the per-row scales are applied to the GEMM's output rows.
+std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& input) {
+  const char* op = "quantize_per_token";
+  TORCH_CHECK(input.device().is_cpu(), op, ": input must be a CPU tensor, got ", input.device());
+  TORCH_CHECK(input.layout() == at::kStrided, op, ": input must be dense, got ", input.layout());
+  TORCH_CHECK(input.is_floating_point(), op, ": input must be floating point, got ", input.scalar_type());
+  TORCH_CHECK(input.dim() >= 1, op, ": input must have at least one dimension (the row), got a scalar");
+  const at::Tensor x = (input.scalar_type() == at::kFloat ? input : input.to(at::kFloat)).contiguous();
+  const int64_t k = x.size(-1), rows = k == 0 ? 0 : x.numel() / k;
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  at::Tensor scales = at::ones(x.sizes().slice(0, x.dim() - 1), x.options());
+  if (rows == 0) return {out, scales};
+  const auto& kt = IPEX_LITE_KERNEL_TABLE(quantization_kernels);
+  const float* src = x.data_ptr<float>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  float* sc = scales.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / k),
+                   [&](int64_t b, int64_t e) { kt.quantize_rows_u8(src, dst, sc, k, b, e); });
+  return {out, scales};
+}
+
 }  // namespace
 }  // namespace ipex_lite
 
 TORCH_LIBRARY_FRAGMENT(ipex_lite, m) {
   m.def("quantize_per_tensor(Tensor input, float scale, int zero_point, ScalarType dtype) -> Tensor");
   m.def("dequantize_per_tensor(Tensor input, float scale, int zero_point) -> Tensor");
+  m.def("quantize_per_token(Tensor input) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ipex_lite, CPU, m) {
   m.impl("quantize_per_tensor", &ipex_lite::quantize_per_tensor);
   m.impl("dequantize_per_tensor", &ipex_lite::dequantize_per_tensor);
+  m.impl("quantize_per_token", &ipex_lite::quantize_per_token);
 }

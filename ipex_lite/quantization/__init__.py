@@ -12,15 +12,19 @@ Activations are uint8 per-tensor affine (histogram or min-max calibration),
 weights int8 per-output-channel symmetric; Conv1d/2d and Linear run as oneDNN
 int8 kernels with ReLU-family / GELU post-ops and residual adds fused, on
 plain uint8/int8 tensors.  ``default_dynamic_qconfig_mapping`` quantizes
-Linear activations per call instead (no calibration).  ``ipex_lite.explain``
+Linear activations per call instead (no calibration), and
+``per_token_dynamic_qconfig_mapping`` with one symmetric int8 scale per token (row), the
+recipe for LLM-style decoders.  ``ipex_lite.explain``
 on the converted model lists the int8 layers, the uint8 chains between them
 and the operations that stayed fp32.
 """
 from ._modules import QuantizedConv, QuantizedLinear, quantize_weight
 from ._observers import HistogramObserver, MinMaxObserver
 from ._quantize import (PreparedModel, QConfig, QConfigMapping, convert, default_dynamic_qconfig_mapping,
-                        default_static_qconfig_mapping, minmax_static_qconfig_mapping, prepare)
+                        default_static_qconfig_mapping, minmax_static_qconfig_mapping, per_token_dynamic_qconfig_mapping,
+                        prepare)
 
 __all__ = ["prepare", "convert", "QConfig", "QConfigMapping", "PreparedModel", "default_static_qconfig_mapping",
-           "minmax_static_qconfig_mapping", "default_dynamic_qconfig_mapping", "HistogramObserver",
+           "minmax_static_qconfig_mapping", "default_dynamic_qconfig_mapping",
+           "per_token_dynamic_qconfig_mapping", "HistogramObserver",
            "MinMaxObserver", "QuantizedConv", "QuantizedLinear", "quantize_weight"]

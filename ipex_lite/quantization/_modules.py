@@ -127,7 +127,8 @@ class _QuantizedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         parts = [f"in=({'uint8' if self.in_quantized else 'fp32'}, scale={self.in_scale:.4g}, "
-                 f"zp={self.in_zero_point})" if not self.dynamic else "dynamic",
+                 f"zp={self.in_zero_point})" if not self.dynamic else
+                 "dynamic per-token int8" if getattr(self, "per_token", False) else "dynamic",
                  f"out={str(self.out_dtype).replace('torch.', '')}"]
         if self.unary:
             parts.append(f"post_op={self.unary}")
@@ -189,11 +190,34 @@ class QuantizedConv(_QuantizedLayer):
 
 class QuantizedLinear(_QuantizedLayer):
     """INT8 Linear (+ folded BN on 2-D inputs) (+ residual add) (+ activation); ``dynamic``
-    quantizes each input with its own min/max instead of a calibrated scale."""
+    quantizes each input with its own min/max instead of a calibrated scale, ``per_token`` with
+    one symmetric scale per row (uint8 around zero point 128; the GEMM runs on scale 1 and each
+    output row is rescaled)."""
 
-    def __init__(self, packed, in_qparams, out_qparams, other_qparams=None, dynamic=False):
+    def __init__(self, packed, in_qparams, out_qparams, other_qparams=None, dynamic=False, per_token=False):
         super().__init__(packed, in_qparams, out_qparams, other_qparams, dynamic)
+        if per_token and not dynamic:
+            raise ValueError("QuantizedLinear: per_token activation scales are dynamic")
+        self.per_token = per_token
         self.in_features, self.out_features = packed.in_features, packed.out_features
+
+    def _per_token(self, x, other):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        qx, s = ops.quantize_per_token(x2)
+        if torch.jit.is_tracing() or x2.shape[0] == 0:  # portable ops (see _reference)
+            w = self.qweight.float() * self.w_scales.view(-1, 1)
+            y = F.linear((qx.float() - 128.0) * s.unsqueeze(1), w, self.bias)
+        else:
+            raw = onednn.qlinear_pointwise(qx, 1.0, 128, self._packed(qx), self.w_scales, self.w_zero_points, None,
+                                           1.0, 0, torch.float32, "none", [], "")
+            y = torch.addcmul(self.bias, raw, s.unsqueeze(1)) if self.bias is not None else \
+                raw.mul_(s.unsqueeze(1))
+        y = y.reshape(*lead, self.out_features)
+        if other is not None:
+            y = y + (ops.dequantize_per_tensor(other, self.other_scale, self.other_zero_point)
+                     if other.dtype == torch.uint8 else other)
+        return y if self.unary is None else self._eager_unary()(y)
 
     def _prepack(self, x):
         return onednn.qlinear_prepack(self.qweight, [max(1, x.numel() // self.in_features), self.in_features])
@@ -203,6 +227,10 @@ class QuantizedLinear(_QuantizedLayer):
             raise RuntimeError(f"QuantizedLinear: input has {x.shape[-1]} features, expected {self.in_features}")
         if torch.jit.is_tracing() and not self.dynamic:
             return self._reference(x, other, F.linear)
+        if self.per_token:
+            if not x.is_floating_point():
+                raise TypeError(f"QuantizedLinear: input must be floating point, got {x.dtype}")
+            return self._per_token(x, other)
         lead = x.shape[:-1]
         scale, zp = self.in_scale, self.in_zero_point
         if self.dynamic and x.dtype != torch.uint8:

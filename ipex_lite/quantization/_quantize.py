@@ -25,11 +25,22 @@ from ._observers import FixedRange, HistogramObserver, MinMaxObserver
 @dataclass
 class QConfig:
     """activation: observer factory for static quantization, or None for dynamic
-    (per-call) activation quantization; weights are always int8 per-channel symmetric."""
+    (per-call) activation quantization; weights are always int8 per-channel symmetric.
+
+    granularity (dynamic Linear layers): "per_tensor" (uint8, one range per call) or "per_token"
+    (symmetric int8 with one scale per row of the input: LLM-style decoders, whose rows and
+    heavy-tailed MLP activations a single range serves badly)."""
 
     activation: Optional[Callable[[], MinMaxObserver]] = HistogramObserver
     weight: str = "int8 per-channel symmetric"
     dynamic: bool = False
+    granularity: str = "per_tensor"
+
+    def __post_init__(self):
+        if self.granularity not in ("per_tensor", "per_token"):
+            raise ValueError(f"QConfig: granularity must be 'per_tensor' or 'per_token', got {self.granularity!r}")
+        if self.granularity == "per_token" and not self.dynamic:
+            raise ValueError("QConfig: per_token activation scales are computed per call: set dynamic=True")
 
 
 @dataclass
@@ -60,6 +71,7 @@ class QConfigMapping:
 default_static_qconfig_mapping = QConfigMapping(QConfig(activation=HistogramObserver))
 minmax_static_qconfig_mapping = QConfigMapping(QConfig(activation=MinMaxObserver))
 default_dynamic_qconfig_mapping = QConfigMapping(QConfig(activation=None, dynamic=True))
+per_token_dynamic_qconfig_mapping = QConfigMapping(QConfig(activation=None, dynamic=True, granularity="per_token"))
 
 
 class _Observers:
@@ -125,7 +137,7 @@ class PreparedModel(nn.Module):
         doc = {}
         for name, obs in self.observers.items():
             if obs is None:
-                doc[name] = {"dynamic": True}
+                doc[name] = {"dynamic": True, "granularity": self.qconfig_mapping.qconfig_for(name).granularity}
                 continue
             entry = {"input": obs.input.to_dict(), "output": obs.output.to_dict()}
             if obs.other is not None:
@@ -193,7 +205,8 @@ def convert(prepared: PreparedModel, inplace: bool = False) -> nn.Module:
     for name, obs in prepared.observers.items():
         packed = model.get_submodule(name)
         if obs is None:
-            q = QuantizedLinear(packed, None, None, dynamic=True)
+            granularity = prepared.qconfig_mapping.qconfig_for(name).granularity
+            q = QuantizedLinear(packed, None, None, dynamic=True, per_token=granularity == "per_token")
         else:
             if not obs.input.calibrated:
                 report.add(name, "kept fp32", "never called during calibration")

@@ -6,7 +6,7 @@ realistic sizes: batch 8 of 224² images, 4-layer base-size transformers at 8 x 
 
 Systems, interleaved in one process: stock fp32 eager, torch.compile (inductor, freezing), ipex_lite
 fp32 eager and traced + frozen, stock bf16 autocast, ipex_lite bf16, ipex_lite int8 (static,
-calibrated on 3 batches) and IPEX where it imports.  Every output is checked against stock fp32
+calibrated on 3 batches; for token models also per-token dynamic) and IPEX where it imports.  Every output is checked against stock fp32
 before timing; the table carries each system's error and the explain() summary of the fp32 model.
 """
 import argparse
@@ -97,8 +97,8 @@ MODELS = {
 }
 
 
-def _int8(model, x):
-    prepared = quantization.prepare(model, quantization.default_static_qconfig_mapping, example_inputs=(x,))
+def _int8(model, x, mapping=quantization.default_static_qconfig_mapping):
+    prepared = quantization.prepare(model, mapping, example_inputs=(x,))
     with torch.no_grad():
         for i in range(3):
             prepared(x if not x.is_floating_point() else x + 0.05 * i * torch.randn_like(x))
@@ -125,6 +125,8 @@ def bench_model(name, args, report, ipex):
         fp32 = ipex_lite.optimize(model, sample_input=x)
         bf16 = ipex_lite.optimize(model, dtype=torch.bfloat16, sample_input=x)
         int8 = _int8(model, x)
+        # token models: also the per-token dynamic recipe (LLM-style activations)
+        int8_token = None if x.dim() == 4 else _int8(model, x, quantization.per_token_dynamic_qconfig_mapping)
         with torch.no_grad():
             fp32_jit = torch.jit.freeze(torch.jit.trace(fp32, x, check_trace=False))
             fp32_jit(x)
@@ -135,6 +137,8 @@ def bench_model(name, args, report, ipex):
     systems = {"stock fp32": lambda: model(x), "stock bf16 autocast": autocast,
                "ipex_lite fp32": lambda: fp32(x), "ipex_lite fp32 jit": lambda: fp32_jit(x),
                "ipex_lite bf16": lambda: bf16(x), "ipex_lite int8": lambda: int8(x)}
+    if int8_token is not None:
+        systems["ipex_lite int8 per-token"] = lambda: int8_token(x)
     if args.compile:
         compiled = _compiled(model, x)
         systems["torch.compile fp32 (freezing)"] = lambda: compiled(x)

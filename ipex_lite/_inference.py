@@ -171,12 +171,14 @@ class _Tracer(fx.Tracer):
     like BatchNorm itself; traced through, they are a functional batch_norm on attributes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _bn_subclass(m) or super().is_leaf_module(m, qualname) or _linear_orientation(m) is not None
+        return _bn_subclass(m) or super().is_leaf_module(m, qualname) or _linear_orientation(m) is not None \
+            or _probed_activation(m) is not None
 
 
 def _trace(mod: nn.Module) -> fx.GraphModule:
     for m in mod.modules():  # probe (and cache) outside the trace: fx intercepts module calls while tracing
         _linear_orientation(m)
+        _probed_activation(m)
     tracer = _Tracer()
     graph = tracer.trace(mod)
     return fx.GraphModule(tracer.root, graph, type(mod).__name__)
@@ -195,7 +197,36 @@ def _activation_of_module(mod: nn.Module):
         return "leaky_relu", _leaky(float(mod.negative_slope))
     if type(mod) is nn.Hardtanh:
         return "hardtanh", _hardtanh(float(mod.min_val), float(mod.max_val))
-    return None
+    name = _probed_activation(mod)
+    return None if name is None else (name, UNARY[name])
+
+
+# module -> the UNARY name its forward computes, or None; probed once per module
+_PROBED_ACTIVATION: "weakref.WeakKeyDictionary[nn.Module, Optional[str]]" = weakref.WeakKeyDictionary()
+_PROBE = torch.linspace(-8.0, 8.0, 161, dtype=torch.float64).float().repeat(2, 1)
+
+
+def _probed_activation(mod: nn.Module) -> Optional[str]:
+    """An activation module ipex_lite has no name for (Hugging Face's NewGELUActivation, timm's GELU,
+    a user's Swish): a stateless leaf outside torch.nn whose output on a probe matches one of the
+    packed kernels' post-ops.  Probed outside any trace (see ``_trace``)."""
+    if type(mod).__module__.startswith("torch.") or next(mod.children(), None) is not None \
+            or next(mod.parameters(), None) is not None or next(mod.buffers(), None) is not None:
+        return None
+    if mod not in _PROBED_ACTIVATION:
+        _PROBED_ACTIVATION[mod] = None
+        try:
+            with torch.no_grad():
+                out = mod(_PROBE.clone())
+        except Exception:  # noqa: BLE001 - not a one-tensor elementwise function
+            return None
+        if isinstance(out, torch.Tensor) and out.shape == _PROBE.shape and out.dtype == _PROBE.dtype:
+            for name in ("relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
+                         "relu6"):
+                if torch.allclose(out, UNARY[name][3](_PROBE.clone()), rtol=1e-5, atol=1e-6):
+                    _PROBED_ACTIVATION[mod] = name
+                    break
+    return _PROBED_ACTIVATION[mod]
 
 
 _FN_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.silu: "silu",

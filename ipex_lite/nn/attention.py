@@ -157,10 +157,28 @@ class InferenceMultiheadAttention(nn.MultiheadAttention):
         out = self._attend(*self._inputs(query, key, value), key_padding_mask, attn_mask)
         return self._batch_first(out)[0], None
 
+    def _check_mask_shapes(self, query, key, key_padding_mask, attn_mask) -> None:
+        """Masks whose shapes do not fit the batch are refused (stock's fused encoder path reads some of
+        them silently, giving NaN or a misplaced mask; its error, where it has one, is a failed view)."""
+        if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and query.dim() == 3
+                and key.dim() == 3) or query.is_nested or key.is_nested:
+            return
+        bdim = 0 if self.batch_first else 1
+        b, length, src_len = query.shape[bdim], query.shape[1 - bdim], key.shape[1 - bdim]
+        if isinstance(key_padding_mask, torch.Tensor) and tuple(key_padding_mask.shape) != (b, src_len):
+            raise RuntimeError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, but should be "
+                               f"(batch, source length) = {(b, src_len)}")
+        if isinstance(attn_mask, torch.Tensor) and tuple(attn_mask.shape) not in (
+                (length, src_len), (b * self.num_heads, length, src_len)):
+            raise RuntimeError(f"attn_mask has shape {tuple(attn_mask.shape)}, but should be {(length, src_len)} "
+                               f"or (batch * num_heads, target length, source length) = "
+                               f"{(b * self.num_heads, length, src_len)}")
+
     def forward_residual(self, query, key, value, residual, key_padding_mask=None, attn_mask=None,
                          is_causal=False):
         """``residual + forward(query, key, value, ..., need_weights=False)[0]``, the add done by the output
         projection's kernel when the call is served (the transformer layers' attention blocks)."""
+        self._check_mask_shapes(query, key, key_padding_mask, attn_mask)
         if not self._served(query, key, value, key_padding_mask, False, attn_mask, is_causal):
             out = self._stock(query, key, value, key_padding_mask=key_padding_mask, need_weights=False,
                               attn_mask=attn_mask, is_causal=is_causal)[0]

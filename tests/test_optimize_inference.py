@@ -2,6 +2,7 @@
 bf16 within a stated tolerance), every knob on and off, state_dict round
 trips, deepcopy / torch.save, jit trace + freeze, torch.compile, models FX
 cannot trace, and the report."""
+import math
 import copy
 import io
 import warnings
@@ -873,3 +874,27 @@ def test_timm_batchnormact_folded_in_fp32_bf16_and_int8():
     assert int8_text.count("post_op=silu") == n_norms
     # random weights, 3 small calibration batches: bound 5e-2 of the output scale (measured 1.7e-2 to 3.6e-2)
     assert ((got - want).abs().max() / want.abs().max()).item() < 5e-2
+
+
+def test_activation_modules_recognised_by_probe_are_fused():
+    class NewGELU(nn.Module):  # Hugging Face's GPT-2 activation, written out
+        def forward(self, x):
+            return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+    class Swish(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(x)
+
+    class Shifted(nn.Module):  # not one of the kernels' post-ops: left as a call
+        def forward(self, x):
+            return torch.relu(x) + 0.1
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), NewGELU(), nn.Linear(32, 32), Swish(), nn.Linear(32, 8), Shifted()).eval()
+    opt = ipex_lite.optimize(model)
+    text = ipex_lite.explain(opt)
+    assert "gelu_tanh fused" in text and "silu fused" in text
+    assert isinstance(opt[5], Shifted)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)

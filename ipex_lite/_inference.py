@@ -793,12 +793,20 @@ def optimize_for_inference(model: nn.Module, knobs: Knobs, sample_input=None) ->
 
 
 def _default_fp32_kernel(m: PackedLinear) -> str:
-    """fp32 Linears with no activation, or a GELU, run MKL's packed sgemm (IPEX's fp32 default),
-    the residual add and the GELU applied in place after it: on BERT-base's projections 3%
+    """On Intel CPUs, fp32 Linears with no activation, or a GELU, run MKL's packed sgemm (IPEX's fp32
+    default), the residual add and the GELU applied in place after it: on BERT-base's projections 3%
     faster than oneDNN's packed GEMM, and on its 768 -> 3072 GELU layers MKL + an in-place GELU
-    beats oneDNN's fused erf (4-layer encoder, batch 8 x 128: 214 -> 205 ms, interleaved).
-    Other activations keep oneDNN, which fuses them nearly for free."""
-    return "mkl" if "mkl" in PackedLinear.KERNELS and m.unary in (None, "gelu", "gelu_tanh") else "onednn"
+    beats oneDNN's fused erf (4-layer encoder, batch 8 x 128: 214 -> 205 ms, interleaved).  MKL
+    takes slower code paths on other vendors' CPUs (AMD EPYC, AVX-512: 172-195 GFLOP/s against
+    oneDNN's 215-220 on Llama/BERT shapes; Llama 4 x 128 265 -> 233 ms with oneDNN throughout), so
+    there, and for other activations (which oneDNN fuses nearly for free), oneDNN."""
+    intel = _cpu_vendor() == "GenuineIntel"
+    return "mkl" if intel and "mkl" in PackedLinear.KERNELS and m.unary in (None, "gelu", "gelu_tanh") else "onednn"
+
+
+def _cpu_vendor() -> str:
+    from . import isa_info
+    return isa_info().get("vendor", "")
 
 
 def _default_fp32_linear_kernels(model: nn.Module, report: Report) -> None:

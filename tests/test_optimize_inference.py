@@ -228,13 +228,16 @@ def test_every_fp32_linear_kernel_computes_the_same_layer(kernel):
         packed.set_kernel("blas")
 
 
+@pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD"])
 @pytest.mark.parametrize("name", ["bert", "mlp"])
-def test_fp32_linears_default_to_mkl_unless_an_activation_fuses(name):
-    # no activation or GELU: MKL (GELU in place after it); ReLU, SiLU, ...: oneDNN, fused
+def test_fp32_linears_default_to_mkl_on_intel_unless_an_activation_fuses(name, vendor, monkeypatch):
+    # Intel, no activation or GELU: MKL (GELU in place after it); ReLU, SiLU, ... or other vendors: oneDNN
+    import ipex_lite._inference as inference
+    monkeypatch.setattr(inference, "_cpu_vendor", lambda: vendor)
     model, x = make(name)
     opt = ipex_lite.optimize(model)
     linears = [m for m in packed_modules(opt) if isinstance(m, PackedLinear)]
-    plain = "mkl" if "mkl" in PackedLinear.KERNELS else "onednn"
+    plain = "mkl" if "mkl" in PackedLinear.KERNELS and vendor == "GenuineIntel" else "onednn"
     unaries = {m.unary for m in linears}
     assert None in unaries and unaries - {None}, unaries
     assert all(m.kernel == (plain if m.unary in (None, "gelu", "gelu_tanh") else "onednn") for m in linears)

@@ -419,9 +419,35 @@ def _rewrite_graph(gm: fx.GraphModule, prefix: str, knobs: Knobs, report: Report
                                                                                        other is not None))
         if bn is not None:
             report.add(_join(prefix, _target_of(modules, bn)), "folded", f"into {path}")
+    _keep_channels_last(gm, prefix, report)
     _mark_inplace_adds(gm)
     graph.lint()
     gm.recompile()
+
+
+def _keep_channels_last(gm: fx.GraphModule, prefix: str, report: Report) -> None:
+    """``conv(x).contiguous()`` converts the packed convolution's channels_last output to NCHW; where
+    every user takes either layout (a concatenation, an add, another packed layer), the conversion only
+    costs a copy, and makes a concatenation with channels_last tensors mix layouts (timm's CSP stages:
+    ~2 full-activation copies per stage)."""
+    modules = dict(gm.named_modules())
+
+    def layout_blind(user: fx.Node) -> bool:
+        return (user.op == "call_function" and user.target in (torch.cat, torch.add, operator.add)) or \
+            (user.op == "call_module" and isinstance(modules.get(user.target), _Packed))
+    dropped = 0
+    for n in list(gm.graph.nodes):
+        src = n.args[0] if n.op == "call_method" and n.target == "contiguous" and len(n.args) == 1 else None
+        if n.kwargs or not isinstance(src, fx.Node) or src.op != "call_module" or \
+                not isinstance(modules.get(src.target), PackedConv) or modules[src.target].nd != 2:
+            continue
+        if n.users and all(layout_blind(u) for u in n.users):
+            n.replace_all_uses_with(src)
+            gm.graph.erase_node(n)
+            dropped += 1
+    if dropped:
+        report.add(prefix, "channels_last", f"{dropped} .contiguous() call(s) after a convolution dropped: their "
+                   "users take channels_last as it is")
 
 
 def _use_inference_kernels(graph: fx.Graph, prefix: str, report: Report) -> None:

@@ -901,3 +901,27 @@ def test_activation_modules_recognised_by_probe_are_fused():
     x = torch.randn(4, 16)
     with torch.no_grad():
         torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_contiguous_after_a_convolution_dropped_only_where_users_take_any_layout():
+    class CSPStage(nn.Module):  # timm's CSP stage: split, blocks, .contiguous(), cat
+        def __init__(self):
+            super().__init__()
+            self.exp, self.b, self.t = nn.Conv2d(8, 16, 1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(16, 8, 1)
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            xs, xb = self.exp(x).split(8, dim=1)
+            xb = self.b(xb).contiguous()
+            y = self.t(torch.cat([xs, xb], dim=1))
+            return self.head(y).contiguous().view(y.shape[0], -1)  # a view needs the NCHW layout: kept
+
+    torch.manual_seed(0)
+    model = CSPStage().eval()
+    opt = ipex_lite.optimize(model)
+    code = opt.code
+    assert code.count(".contiguous()") == 1 and ".view(" in code
+    assert "1 .contiguous() call(s) after a convolution dropped" in ipex_lite.explain(opt)
+    x = torch.randn(2, 8, 10, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)

@@ -427,14 +427,17 @@ def _rewrite_graph(gm: fx.GraphModule, prefix: str, knobs: Knobs, report: Report
 
 def _keep_channels_last(gm: fx.GraphModule, prefix: str, report: Report) -> None:
     """``conv(x).contiguous()`` converts the packed convolution's channels_last output to NCHW; where
-    every user takes either layout (a concatenation, an add, another packed layer), the conversion only
-    costs a copy, and makes a concatenation with channels_last tensors mix layouts (timm's CSP stages:
-    ~2 full-activation copies per stage)."""
+    the value only reaches packed layers (directly or through concatenations and adds, whose outputs
+    follow their inputs' layout), the conversion only costs a copy, and makes a concatenation with
+    channels_last tensors mix layouts (timm's CSP stages: ~2 full-activation copies per stage).  A
+    value that reaches anything else (a ``view``, the model's output) keeps its ``contiguous()``."""
     modules = dict(gm.named_modules())
 
     def layout_blind(user: fx.Node) -> bool:
-        return (user.op == "call_function" and user.target in (torch.cat, torch.add, operator.add)) or \
-            (user.op == "call_module" and isinstance(modules.get(user.target), _Packed))
+        if user.op == "call_module":
+            return isinstance(modules.get(user.target), _Packed)
+        return user.op == "call_function" and user.target in (torch.cat, torch.add, operator.add) and \
+            bool(user.users) and all(layout_blind(u) for u in user.users)
     dropped = 0
     for n in list(gm.graph.nodes):
         src = n.args[0] if n.op == "call_method" and n.target == "contiguous" and len(n.args) == 1 else None

@@ -273,6 +273,13 @@ def _quantize_per_token_fake(input):
             input.new_empty(input.shape[:-1], dtype=torch.float32))
 
 
+@torch.library.register_fake("ipex_lite::lookup_u8")
+def _lookup_u8_fake(input, table):
+    torch._check(input.dtype == torch.uint8, lambda: "lookup_u8: input must be uint8")
+    torch._check(table.dtype == torch.uint8 and table.shape == (256,), lambda: "lookup_u8: table must be 256 uint8")
+    return torch.empty_like(input)
+
+
 @torch.library.register_fake("ipex_lite::dequantize_per_tensor")
 def _dequantize_fake(input, scale, zero_point):
     return torch.empty_like(input, dtype=torch.float32)

@@ -88,6 +88,52 @@ def test_quantize_per_token_matches_reference_opcheck_and_bad_inputs():
             ops.quantize_per_token(bad)
 
 
+def test_lookup_u8_matches_indexing_opcheck_and_bad_inputs():
+    g = torch.Generator().manual_seed(0)
+    table = torch.randint(0, 256, (256,), dtype=torch.uint8, generator=g)
+    x = torch.randint(0, 256, (3, 5, 7, 9), dtype=torch.uint8, generator=g).contiguous(memory_format=torch.channels_last)
+    y = ops.lookup_u8(x, table)
+    assert torch.equal(y, table[x.long()]) and y.is_contiguous(memory_format=torch.channels_last)
+    assert ops.lookup_u8(torch.empty(0, 4, dtype=torch.uint8), table).shape == (0, 4)
+    torch.library.opcheck(ops.lookup_u8, (x.contiguous(), table))
+    for args, msg in (((x.float(), table), "input must be uint8"), ((x, table[:255]), "256 entries"),
+                      ((x, table.float()), "256 entries")):
+        with pytest.raises(RuntimeError, match=msg):
+            ops.lookup_u8(*args)
+
+
+def test_leaky_relu_between_int8_convolutions_runs_as_a_uint8_table():
+    from torch.profiler import profile
+    torch.manual_seed(0)
+    layers = []
+    for cin, cout in ((3, 16), (16, 16), (16, 8)):
+        bn = nn.BatchNorm2d(cout)
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+        layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), bn, nn.LeakyReLU(0.1)]
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 12 * 12, 10)).eval()
+    batches = [torch.randn(4, 3, 12, 12) for _ in range(3)]
+    int8 = q.convert(_calibrate(model, batches))
+    convs = [m for m in int8.modules() if isinstance(m, q.QuantizedConv)]
+    # the first two hand uint8 to the next convolution; the last one's output goes to Flatten in fp32
+    assert [m.out_dtype for m in convs] == [torch.uint8, torch.uint8, torch.float32]
+    assert ["(uint8 table)" in m.extra_repr() for m in convs] == [True, True, False]
+    x = batches[0]
+    with torch.no_grad():
+        want = model(x)
+        with profile() as prof:
+            got = int8(x)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("ipex_lite::lookup_u8") == 2 and calls.get("aten::leaky_relu") == 1
+    assert ((got - want).abs().max() / want.abs().max()).item() < 5e-2
+    # the table maps every code as dequantize -> LeakyReLU -> quantize would
+    pre_scale, pre_zp, table = convs[0]._activation_table()
+    m = convs[0]
+    pre = (torch.arange(256.0) - pre_zp) * pre_scale
+    want_codes = torch.clamp(torch.round(F.leaky_relu(pre, 0.1) / m.out_scale) + m.out_zero_point, 0, 255)
+    assert (table.float() - want_codes).abs().max().item() <= 1
+
+
 _LEVEL_SCRIPT = textwrap.dedent("""
     import json, torch, ipex_lite
     ops = torch.ops.ipex_lite
@@ -101,15 +147,17 @@ _LEVEL_SCRIPT = textwrap.dedent("""
     want_s = rows.abs().amax(1) / 127
     tok = max((ts - want_s).abs().max().item(),
               ((tq.float() - 128) - torch.round(rows / want_s.view(7, 1))).abs().max().item() / 2)
+    table = torch.arange(255, -1, -1).to(torch.uint8)
+    lut = int((ops.lookup_u8(q, table).long() != 255 - q.long()).sum())
     print(json.dumps({"level": ipex_lite.cpu_capability(), "q": (q.float() - ref).abs().max().item(),
-                      "dq": (back - (q.float() - 7) * 0.02).abs().max().item(), "token": tok}))
+                      "dq": (back - (q.float() - 7) * 0.02).abs().max().item(), "token": tok, "lut": lut}))
 """)
 
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_every_isa_level(level):
     res = run_at_level(level, _LEVEL_SCRIPT)
-    assert res["q"] == 0 and res["dq"] == 0 and res["token"] <= 0.5
+    assert res["q"] == 0 and res["dq"] == 0 and res["token"] <= 0.5 and res["lut"] == 0
 
 
 # ---------------------------------------------------------------- layers

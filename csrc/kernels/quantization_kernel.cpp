@@ -58,6 +58,13 @@ void quantize_rows_u8_impl(const float* __restrict src, uint8_t* __restrict dst,
   }
 }
 
+void lookup_u8_impl(const uint8_t* __restrict src, uint8_t* __restrict dst, const uint8_t* __restrict table,
+                    int64_t begin, int64_t end) {
+  uint8_t t[256];  // a local copy: the compiler knows it aliases neither src nor dst
+  for (int i = 0; i < 256; ++i) t[i] = table[i];
+  for (int64_t i = begin; i < end; ++i) dst[i] = t[src[i]];
+}
+
 }  // namespace
 
 const QuantizationKernels& quantization_kernels() {
@@ -67,6 +74,7 @@ const QuantizationKernels& quantization_kernels() {
       &dequantize_impl<uint8_t>,
       &dequantize_impl<int8_t>,
       &quantize_rows_u8_impl,
+      &lookup_u8_impl,
   };
   return table;
 }

@@ -23,6 +23,8 @@ struct QuantizationKernels {
   // q = clamp(nearbyint(x / scales[r]), -127, 127) + 128
   void (*quantize_rows_u8)(const float* src, uint8_t* dst, float* scales, int64_t k, int64_t row_begin,
                            int64_t row_end);
+  // dst[i] = table[src[i]] on [begin, end): an elementwise function of a uint8 tensor, requantization included
+  void (*lookup_u8)(const uint8_t* src, uint8_t* dst, const uint8_t* table, int64_t begin, int64_t end);
 };
 
 }  // namespace kernels

@@ -101,6 +101,28 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& input) {
   return {out, scales};
 }
 
+// out[i] = table[input[i]]: an activation between two int8 layers applied to the uint8 codes (the
+// 256-entry table folds dequantize, activation and requantize), for activations oneDNN's int8
+// kernels do not fuse.  The input's layout is kept.
+at::Tensor lookup_u8(const at::Tensor& input, const at::Tensor& table) {
+  const char* op = "lookup_u8";
+  TORCH_CHECK(input.device().is_cpu() && input.layout() == at::kStrided, op, ": input must be a dense CPU tensor");
+  TORCH_CHECK(input.scalar_type() == at::kByte, op, ": input must be uint8, got ", input.scalar_type());
+  TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kByte && table.dim() == 1 && table.numel() == 256,
+              op, ": table must be a 1-D uint8 CPU tensor of 256 entries, got ", table.scalar_type(), " ",
+              table.sizes());
+  const at::Tensor q = dense(input);
+  const at::Tensor t = table.contiguous();
+  at::Tensor out = at::empty_like(q, at::MemoryFormat::Preserve);
+  TORCH_INTERNAL_ASSERT(out.strides() == q.strides());
+  const auto& kt = IPEX_LITE_KERNEL_TABLE(quantization_kernels);
+  const uint8_t* src = q.data_ptr<uint8_t>();
+  const uint8_t* tab = t.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, q.numel(), kGrain, [&](int64_t b, int64_t e) { kt.lookup_u8(src, dst, tab, b, e); });
+  return out;
+}
+
 }  // namespace
 }  // namespace ipex_lite
 
@@ -108,10 +130,12 @@ TORCH_LIBRARY_FRAGMENT(ipex_lite, m) {
   m.def("quantize_per_tensor(Tensor input, float scale, int zero_point, ScalarType dtype) -> Tensor");
   m.def("dequantize_per_tensor(Tensor input, float scale, int zero_point) -> Tensor");
   m.def("quantize_per_token(Tensor input) -> (Tensor, Tensor)");
+  m.def("lookup_u8(Tensor input, Tensor table) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ipex_lite, CPU, m) {
   m.impl("quantize_per_tensor", &ipex_lite::quantize_per_tensor);
   m.impl("dequantize_per_tensor", &ipex_lite::dequantize_per_tensor);
   m.impl("quantize_per_token", &ipex_lite::quantize_per_token);
+  m.impl("lookup_u8", &ipex_lite::lookup_u8);
 }

@@ -149,9 +149,34 @@ class QuantizedConv(_QuantizedLayer):
         self.other_quantized = False
         self.inplace_add = getattr(packed, "inplace_add", False)
 
+    def _activation_table(self):
+        """(input scale, input zero point, 256-entry uint8 table) when this layer's activation runs on its
+        uint8 output as a lookup table: a LeakyReLU the int8 kernel cannot fuse (torch's int8 convolution
+        refuses it), on a layer whose output stays uint8.  LeakyReLU is invertible, so its input range
+        follows from the calibrated output range: [lo / slope, hi]."""
+        if self.unary_attr != "leaky_relu" or self.out_dtype != torch.uint8 or not self.unary_scalars \
+                or not float(self.unary_scalars[0]) > 0:
+            return None
+        slope = float(self.unary_scalars[0])
+        key = (self.out_scale, self.out_zero_point, slope)
+        cached = self.__dict__.get("_table")
+        if cached is None or cached[0] != key:
+            lo, hi = -self.out_zero_point * self.out_scale, (255 - self.out_zero_point) * self.out_scale
+            pre_scale, pre_zp = affine_qparams(lo / slope, hi)
+            pre = (torch.arange(256, dtype=torch.float64) - pre_zp) * pre_scale
+            post = torch.where(pre > 0, pre, pre * slope)
+            table = torch.clamp(torch.round(post / self.out_scale) + self.out_zero_point, 0, 255).to(torch.uint8)
+            self.__dict__["_table"] = cached = (key, (pre_scale, pre_zp, table))
+        return cached[1]
+
     def _prepack(self, x):
         return onednn.qconv_prepack(self.qweight, self.w_scales, self.in_scale, self.in_zero_point, self.stride,
                                     self.padding, self.dilation, self.groups, list(x.shape))
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text.replace(f"post_op={self.unary}", f"post_op={self.unary} (uint8 table)") \
+            if self._activation_table() is not None else text
 
     def forward(self, x, other=None):
         if torch.jit.is_tracing():
@@ -162,12 +187,16 @@ class QuantizedConv(_QuantizedLayer):
         qx = self._quantize_input(x, self.in_scale, self.in_zero_point).contiguous(memory_format=fmt)
         w = self._packed(qx)
         fused, attr, scalars, algo, out_dtype = self._post_op(_CONV_UNARY)
+        table = None if fused else self._activation_table()
+        if table is not None:  # uint8 on the activation's input range; the table applies it
+            out_qparams, out_dtype = table[:2], torch.uint8
+        else:
+            out_qparams = self._out_qparams(out_dtype)
         common = (self.stride, self.padding, self.dilation, self.groups)
         if other is None:
             y = onednn.qconv_pointwise(qx, self.in_scale, self.in_zero_point, w, self.w_scales, self.w_zero_points,
-                                       self.bias, *common, *self._out_qparams(out_dtype), out_dtype, attr,
-                                       scalars, algo)
-            return self._finish(y, fused)
+                                       self.bias, *common, *out_qparams, out_dtype, attr, scalars, algo)
+            return ops.lookup_u8(y, table[2]) if table is not None else self._finish(y, fused)
         # residual add: oneDNN's sum post-op accumulates into ``other`` (uint8 with its own scale, or fp32)
         if out_dtype == torch.uint8:
             acc = other if other.dtype == torch.uint8 and self.other_quantized else \
@@ -183,9 +212,9 @@ class QuantizedConv(_QuantizedLayer):
         acc = acc.contiguous(memory_format=fmt)
         y = onednn.qconv2d_pointwise.binary(qx, self.in_scale, self.in_zero_point, w, self.w_scales,
                                             self.w_zero_points, acc, self.bias, *common,
-                                            *self._out_qparams(out_dtype), out_dtype, acc_scale, acc_zp, "sum", 1.0,
+                                            *out_qparams, out_dtype, acc_scale, acc_zp, "sum", 1.0,
                                             attr if attr != "none" else None, scalars, algo or None)
-        return self._finish(y, fused)
+        return ops.lookup_u8(y, table[2]) if table is not None else self._finish(y, fused)
 
 
 class QuantizedLinear(_QuantizedLayer):

@@ -15,7 +15,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .._inference import Knobs, Report, _replace_dropout, _rewrite, _set, _use_fast_transformers
+from .._inference import (FoldedBatchNorm, Knobs, Report, _replace_dropout, _rewrite, _set,
+                          _use_fast_transformers)
 from ..nn.attention import InferenceMultiheadAttention
 from ..nn.prepacked import PackedConv, PackedLinear, _Packed
 from ._modules import QuantizedConv, QuantizedLinear, _QuantizedLayer
@@ -265,9 +266,10 @@ def _chain_int8(gm: fx.GraphModule, report: Report) -> None:
 
 
 def _chain_sequential(seq: nn.Sequential, prefix: str, report: Report) -> None:
-    """Adjacent int8 layers of a Sequential (the only consumer of each output is the next child)."""
-    children = list(seq.named_children())
-    for (name, a), (next_name, b) in zip(children, children[1:]):
+    """Consecutive int8 layers of a Sequential (the only consumer of each output is the next layer; the
+    pass-through modules a fused run leaves in place of its BatchNorm and activation are skipped)."""
+    layers = [(name, m) for name, m in seq.named_children() if not isinstance(m, (FoldedBatchNorm, nn.Identity))]
+    for (name, a), (next_name, b) in zip(layers, layers[1:]):
         if isinstance(a, _QuantizedLayer) and isinstance(b, _QuantizedLayer) and not a.dynamic and not b.dynamic \
                 and not b.binary:
             a.out_dtype = torch.uint8

@@ -405,3 +405,43 @@ def _packed_linear_mkl_fake(x, w, b):
     torch._check(w.dtype == torch.float32,
                  lambda: f"packed_linear_mkl: MKL's packed GEMM is float32 only, got {w.dtype}")
     return _packed_linear_out("packed_linear_mkl", x, w)
+
+
+# ---- int8 graph ops (traced graphs of QuantizedConv / QuantizedLinear; csrc/ops/packed_weights.cpp)
+def _check_quantized_operands(op, qx, qw, dim):
+    torch._check(qw.dtype == torch.int8 and qw.dim() == dim,
+                 lambda: f"{op}: weight must be a dense int8 CPU tensor with {dim} dims, got {qw.dtype} {tuple(qw.shape)}")
+    torch._check(qx.dtype == torch.uint8, lambda: f"{op}: input must be a dense uint8 CPU tensor, got {qx.dtype}")
+
+
+def _packed_qconv_out(op, qx, qw, stride, padding, dilation, groups, out_dtype):
+    _check_quantized_operands(op, qx, qw, qx.dim())
+    torch._check(qx.dim() in (3, 4), lambda: f"{op}: input must be 3-D or 4-D, got {tuple(qx.shape)}")
+    torch._check(qx.shape[1] == qw.shape[1] * groups,
+                 lambda: f"{op}: input has {qx.shape[1]} channels, the weight expects {qw.shape[1] * groups}")
+    spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+               for n, k, p, s, d in zip(qx.shape[2:], qw.shape[2:], padding, stride, dilation)]
+    out = qx.new_empty((qx.shape[0], qw.shape[0], *spatial), dtype=out_dtype)
+    return out.contiguous(memory_format=torch.channels_last) if qx.dim() == 4 else out
+
+
+@torch.library.register_fake("ipex_lite::packed_qconv")
+def _packed_qconv_fake(qx, x_scale, x_zp, qw, w_scales, w_zps, b, stride, padding, dilation, groups, out_scale,
+                       out_zp, out_dtype, attr, scalars, algorithm):
+    return _packed_qconv_out("packed_qconv", qx, qw, stride, padding, dilation, groups, out_dtype)
+
+
+@torch.library.register_fake("ipex_lite::packed_qconv_add")
+def _packed_qconv_add_fake(qx, x_scale, x_zp, qw, w_scales, w_zps, accum, b, stride, padding, dilation, groups,
+                           out_scale, out_zp, out_dtype, accum_scale, accum_zp, unary_attr, unary_scalars,
+                           unary_algorithm):
+    return _packed_qconv_out("packed_qconv_add", qx, qw, stride, padding, dilation, groups, out_dtype)
+
+
+@torch.library.register_fake("ipex_lite::packed_qlinear")
+def _packed_qlinear_fake(qx, x_scale, x_zp, qw, w_scales, w_zps, other, b, out_scale, out_zp, out_dtype, attr,
+                         scalars, algorithm):
+    _check_quantized_operands("packed_qlinear", qx, qw, 2)
+    torch._check(qx.dim() == 2 and qx.shape[1] == qw.shape[1],
+                 lambda: f"packed_qlinear: input must be (rows, {qw.shape[1]}), got {tuple(qx.shape)}")
+    return qx.new_empty((qx.shape[0], qw.shape[0]), dtype=out_dtype)

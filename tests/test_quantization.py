@@ -412,6 +412,51 @@ def test_uncalibrated_and_bad_arguments():
         lin(torch.ones(2, 4, dtype=torch.int64))
 
 
+def test_int8_graph_ops_match_onednn_opcheck_and_bad_inputs():
+    """ipex_lite::packed_qconv / packed_qconv_add / packed_qlinear: torch's oneDNN int8 ops on plain int8
+    weights (packed inside, cached), which is what a trace of an int8 model records."""
+    torch.manual_seed(0)
+    on = torch.ops.onednn
+    qx = torch.randint(0, 256, (2, 8, 6, 6), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    qw = torch.randint(-127, 128, (16, 8, 3, 3), dtype=torch.int8)
+    ws, wz, b = torch.rand(16) * 0.01 + 1e-3, torch.zeros(16, dtype=torch.int64), torch.randn(16)
+    geo = ([1, 1], [1, 1], [1, 1], 1)
+    packed = on.qconv_prepack(qw, ws, 0.02, 100, *geo, list(qx.shape))
+    for out_dtype, out_q in ((torch.float32, (1.0, 0)), (torch.uint8, (0.05, 10))):
+        want = on.qconv_pointwise(qx, 0.02, 100, packed, ws, wz, b, *geo, *out_q, out_dtype, "relu", [], "")
+        got = ops.packed_qconv(qx, 0.02, 100, qw, ws, wz, b, *geo, *out_q, out_dtype, "relu", [], "")
+        assert got.dtype == out_dtype and torch.equal(got, want)
+    acc = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    want = on.qconv2d_pointwise.binary(qx, 0.02, 100, packed, ws, wz, acc.clone(memory_format=torch.channels_last), b,
+                                       *geo, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, None, [], None)
+    got = ops.packed_qconv_add(qx, 0.02, 100, qw, ws, wz, acc, b, *geo, 1.0, 0, torch.float32, 1.0, 0, None, [], None)
+    assert torch.equal(got, want) and not torch.equal(got, acc)  # the accumulator itself is left alone
+    qa = torch.randint(0, 256, (5, 8), dtype=torch.uint8)
+    lw = torch.randint(-127, 128, (4, 8), dtype=torch.int8)
+    ls, lz, other = torch.rand(4) * 0.01 + 1e-3, torch.zeros(4, dtype=torch.int64), torch.randn(5, 4)
+    lp = on.qlinear_prepack(lw, [5, 8])
+    assert torch.equal(ops.packed_qlinear(qa, 0.1, 3, lw, ls, lz, None, None, 1.0, 0, torch.float32, "none", [], ""),
+                       on.qlinear_pointwise(qa, 0.1, 3, lp, ls, lz, None, 1.0, 0, torch.float32, "none", [], ""))
+    assert torch.equal(ops.packed_qlinear(qa, 0.1, 3, lw, ls, lz, other, b[:4], 1.0, 0, torch.float32, "none", [], ""),
+                       on.qlinear_pointwise.binary(qa, 0.1, 3, lp, ls, lz, other, b[:4], 1.0, 0, torch.float32, 1.0,
+                                                   0, "add", 1.0, "none", [], ""))
+    torch.library.opcheck(ops.packed_qconv, (qx, 0.02, 100, qw, ws, wz, b, *geo, 1.0, 0, torch.float32, "none", [],
+                                             ""))
+    torch.library.opcheck(ops.packed_qlinear, (qa, 0.1, 3, lw, ls, lz, None, None, 1.0, 0, torch.float32, "none", [],
+                                               ""))
+    bad = [(lambda: ops.packed_qconv(qx.float(), 0.02, 100, qw, ws, wz, b, *geo, 1.0, 0, torch.float32, "none", [],
+                                     ""), "uint8"),
+           (lambda: ops.packed_qconv(qx, 0.02, 100, qw.float(), ws, wz, b, *geo, 1.0, 0, torch.float32, "none", [],
+                                     ""), "int8"),
+           (lambda: ops.packed_qconv(qx[:, :4], 0.02, 100, qw, ws, wz, b, *geo, 1.0, 0, torch.float32, "none", [],
+                                     ""), "channels"),
+           (lambda: ops.packed_qlinear(qa[:, :5], 0.1, 3, lw, ls, lz, None, None, 1.0, 0, torch.float32, "none", [],
+                                       ""), r"\(rows, 8\)")]
+    for call, msg in bad:
+        with pytest.raises(RuntimeError, match=msg):
+            call()
+
+
 _FRESH = textwrap.dedent("""
     import sys, torch, ipex_lite
     x = torch.load(sys.argv[1])
@@ -431,6 +476,12 @@ def test_save_load_in_a_fresh_process_and_size(tmp_path):
         want = int8(x)
         scripted = torch.jit.trace(int8, x)
         torch.testing.assert_close(scripted(x), want)
+        # the artifact runs oneDNN's int8 kernels through ipex_lite's graph ops, not dequantize -> fp32 conv
+        frozen = torch.jit.freeze(scripted)
+        code = str(frozen.graph)
+        assert "ipex_lite::packed_qconv" in code and "aten::conv2d" not in code and "aten::_convolution" not in code
+        assert "ipex_lite::packed_qlinear" in code
+        assert torch.equal(frozen(x), want)
     torch.save(x, tmp_path / "x.pt")
     torch.save(int8, tmp_path / "int8.pt")
     scripted.save(str(tmp_path / "int8.ts"))

@@ -21,6 +21,7 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <list>
 #include <mutex>
 #include <vector>
@@ -216,6 +217,102 @@ void packed_linear_mkl(const c10::OperatorHandle&, torch::jit::Stack* stack) {
   torch::jit::push(*stack, call(linear, {x.contiguous(), packed, plain, args[2], rows}));
 }
 
+// ---- int8: torch's oneDNN int8 ops on plain int8 weights, for traced graphs of ipex_lite's
+// QuantizedConv / QuantizedLinear (torch.jit.trace cannot record oneDNN's Scalar?[] arguments, and a
+// prepacked int8 weight is no graph constant).  The weight is packed here on first use.
+
+int64_t float_bits(double v) {
+  float f = static_cast<float>(v);
+  int32_t b;
+  std::memcpy(&b, &f, sizeof(b));
+  return b;
+}
+
+void check_qweight(const char* op, const at::Tensor& qx, const at::Tensor& qw, int64_t dim) {
+  TORCH_CHECK(qw.device().is_cpu() && qw.layout() == at::kStrided && qw.scalar_type() == at::kChar && qw.dim() == dim,
+              op, ": weight must be a dense int8 CPU tensor with ", dim, " dims, got ", qw.scalar_type(), " ",
+              qw.sizes());
+  TORCH_CHECK(qx.device().is_cpu() && qx.layout() == at::kStrided && qx.scalar_type() == at::kByte, op,
+              ": input must be a dense uint8 CPU tensor, got ", qx.scalar_type());
+}
+
+// packed_qconv:     qx, x_scale, x_zp, qw, w_scales, w_zps, B, stride, padding, dilation, groups,
+//                   out_scale, out_zp, out_dtype, attr, scalars, algorithm
+// packed_qconv_add: qx, x_scale, x_zp, qw, w_scales, w_zps, accum, B, stride, padding, dilation, groups,
+//                   out_scale, out_zp, out_dtype, accum_scale, accum_zp, unary_attr, unary_scalars,
+//                   unary_algorithm (the sum goes into a copy of accum: no aliased output)
+void packed_qconv(torch::jit::Stack* stack, bool add) {
+  const char* op = add ? "packed_qconv_add" : "packed_qconv";
+  auto args = torch::jit::pop(*stack, add ? 20 : 17);
+  const size_t geo = add ? 8 : 7;  // index of stride
+  const at::Tensor qx = args[0].toTensor();
+  const at::Tensor qw = args[3].toTensor();
+  check_qweight(op, qx, qw, qx.dim());
+  TORCH_CHECK(qx.dim() == 3 || qx.dim() == 4, op, ": input must be 3-D or 4-D, got ", qx.sizes());
+  const int64_t groups = args[geo + 3].toInt();
+  TORCH_CHECK(qx.size(1) == qw.size(1) * groups, op, ": input has ", qx.size(1), " channels, the weight expects ",
+              qw.size(1) * groups);
+  const double x_scale = args[1].toDouble();
+  const int64_t x_zp = args[2].toInt();
+  std::vector<int64_t> key = qx.sizes().vec();
+  key.insert(key.end(), {float_bits(x_scale), x_zp, -3});  // the int8 prepack bakes the input's qparams in
+  const auto fmt = qx.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor x = qx.contiguous(fmt);
+  args[0] = x;
+  args[3] = cache().get(qw, std::move(key), [&] {
+    static const auto prepack = find("onednn::qconv_prepack");
+    return call(prepack, {qw.contiguous(), args[4], x_scale, x_zp, args[geo], args[geo + 1], args[geo + 2], groups,
+                          c10::IValue(x.sizes().vec())})
+        .toTensor();
+  });
+  if (add) {
+    args[6] = args[6].toTensor().clone(fmt);
+    args[18] = scalars(args[18]);
+    // torch's binary form: ..., accum_scale, accum_zp, binary_attr, alpha, unary_attr, unary_scalars, unary_algorithm
+    args.insert(args.begin() + 17, {c10::IValue("sum"), c10::IValue(at::Scalar(1.0))});
+    static const auto qconv_add = find("onednn::qconv2d_pointwise", "binary");
+    torch::jit::push(*stack, call(qconv_add, std::move(args)));
+    return;
+  }
+  args[15] = scalars(args[15]);
+  static const auto qconv = find("onednn::qconv_pointwise");
+  torch::jit::push(*stack, call(qconv, std::move(args)));
+}
+
+void packed_qconv_boxed(const c10::OperatorHandle&, torch::jit::Stack* s) { packed_qconv(s, false); }
+void packed_qconv_add_boxed(const c10::OperatorHandle&, torch::jit::Stack* s) { packed_qconv(s, true); }
+
+// packed_qlinear: qx (2-D), x_scale, x_zp, qw, w_scales, w_zps, other (fp32, 2-D) or None, B, out_scale, out_zp,
+//                 out_dtype, attr, scalars, algorithm
+void packed_qlinear(const c10::OperatorHandle&, torch::jit::Stack* stack) {
+  const char* op = "packed_qlinear";
+  auto args = torch::jit::pop(*stack, 14);
+  const at::Tensor qx = args[0].toTensor();
+  const at::Tensor qw = args[3].toTensor();
+  check_qweight(op, qx, qw, 2);
+  TORCH_CHECK(qx.dim() == 2 && qx.size(1) == qw.size(1), op, ": input must be (rows, ", qw.size(1), "), got ",
+              qx.sizes());
+  const int64_t rows = qx.size(0);
+  args[0] = qx.contiguous();
+  args[3] = cache().get(qw, {rows, -4}, [&] {
+    static const auto prepack = find("onednn::qlinear_prepack");
+    return call(prepack, {qw.contiguous(), c10::IValue(std::vector<int64_t>{std::max<int64_t>(1, rows), qw.size(1)})})
+        .toTensor();
+  });
+  args[12] = scalars(args[12]);
+  const c10::IValue other = args[6];
+  if (other.isNone()) {
+    args.erase(args.begin() + 6);
+    static const auto qlinear = find("onednn::qlinear_pointwise");
+    torch::jit::push(*stack, call(qlinear, std::move(args)));
+    return;
+  }
+  // torch's binary form: ..., out_dtype, other_scale, other_zp, binary_post_op, binary_alpha, unary_post_op, ...
+  args.insert(args.begin() + 11, {c10::IValue(1.0), c10::IValue(int64_t{0}), c10::IValue("add"), c10::IValue(1.0)});
+  static const auto qlinear_add = find("onednn::qlinear_pointwise", "binary");
+  torch::jit::push(*stack, call(qlinear_add, std::move(args)));
+}
+
 void packed_linear_boxed(const c10::OperatorHandle&, torch::jit::Stack* s) { packed_linear(s, false); }
 void packed_linear_add_boxed(const c10::OperatorHandle&, torch::jit::Stack* s) { packed_linear(s, true); }
 
@@ -232,6 +329,16 @@ TORCH_LIBRARY_FRAGMENT(ipex_lite, m) {
   m.def("packed_linear(Tensor X, Tensor W, Tensor? B, str attr, float[] scalars, str? algorithm) -> Tensor");
   m.def("packed_linear_add(Tensor X, Tensor other, Tensor W, Tensor? B) -> Tensor");
   m.def("packed_linear_mkl(Tensor X, Tensor W, Tensor? B) -> Tensor");
+  m.def("packed_qconv(Tensor qx, float x_scale, int x_zp, Tensor qw, Tensor w_scales, Tensor w_zps, Tensor? B, "
+        "int[] stride, int[] padding, int[] dilation, int groups, float out_scale, int out_zp, ScalarType out_dtype, "
+        "str attr, float[] scalars, str algorithm) -> Tensor");
+  m.def("packed_qconv_add(Tensor qx, float x_scale, int x_zp, Tensor qw, Tensor w_scales, Tensor w_zps, "
+        "Tensor accum, Tensor? B, int[] stride, int[] padding, int[] dilation, int groups, float out_scale, "
+        "int out_zp, ScalarType out_dtype, float accum_scale, int accum_zp, str? unary_attr, float[] unary_scalars, "
+        "str? unary_algorithm) -> Tensor");
+  m.def("packed_qlinear(Tensor qx, float x_scale, int x_zp, Tensor qw, Tensor w_scales, Tensor w_zps, "
+        "Tensor? other, Tensor? B, float out_scale, int out_zp, ScalarType out_dtype, str attr, float[] scalars, "
+        "str algorithm) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ipex_lite, CPU, m) {
@@ -241,11 +348,15 @@ TORCH_LIBRARY_IMPL(ipex_lite, CPU, m) {
   m.impl("packed_linear", torch::CppFunction::makeFromBoxedFunction<&ipex_lite::packed_linear_boxed>());
   m.impl("packed_linear_add", torch::CppFunction::makeFromBoxedFunction<&ipex_lite::packed_linear_add_boxed>());
   m.impl("packed_linear_mkl", torch::CppFunction::makeFromBoxedFunction<&ipex_lite::packed_linear_mkl>());
+  m.impl("packed_qconv", torch::CppFunction::makeFromBoxedFunction<&ipex_lite::packed_qconv_boxed>());
+  m.impl("packed_qconv_add", torch::CppFunction::makeFromBoxedFunction<&ipex_lite::packed_qconv_add_boxed>());
+  m.impl("packed_qlinear", torch::CppFunction::makeFromBoxedFunction<&ipex_lite::packed_qlinear>());
 }
 
 // Inference ops: calling them on tensors that need gradients is an error, not a silent detach.
 TORCH_LIBRARY_IMPL(ipex_lite, Autograd, m) {
   for (const char* name :
-       {"packed_conv", "packed_conv_add", "packed_conv_add_", "packed_linear", "packed_linear_add", "packed_linear_mkl"})
+       {"packed_conv", "packed_conv_add", "packed_conv_add_", "packed_linear", "packed_linear_add", "packed_linear_mkl",
+        "packed_qconv", "packed_qconv_add", "packed_qlinear"})
     m.impl(name, torch::autograd::autogradNotImplementedFallback());
 }

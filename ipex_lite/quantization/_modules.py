@@ -8,8 +8,12 @@ its producer is an int8 layer too, the producer's uint8 output as is; it
 returns uint8 when every consumer is an int8 layer (requantized inside the
 kernel) and fp32 otherwise.  Weights are per-output-channel symmetric int8,
 stored as plain buffers (the state_dict is the int8 model); the oneDNN
-layout is a cache rebuilt after loading.
+layout is a cache rebuilt after loading.  ``torch.jit.trace`` records
+ipex_lite's graph ops (``packed_qconv`` / ``packed_qconv_add`` /
+``packed_qlinear``, csrc/ops/packed_weights.cpp) on the plain int8 weights,
+so a traced + frozen artifact runs oneDNN's int8 kernels and reloads anywhere.
 """
+import contextlib
 from typing import Tuple
 
 import torch
@@ -27,6 +31,17 @@ ops = torch.ops.ipex_lite
 # "Unsupported post op leaky_relu for quantized pointwise conv2d"); the others run after it in fp32
 _CONV_UNARY = {"relu", "swish", "hardswish", "hardtanh"}
 _LINEAR_UNARY = {"relu", "swish", "gelu", "tanh", "hardswish", "hardtanh", "leaky_relu"}
+
+
+@contextlib.contextmanager
+def _untraced():
+    """Runs its block outside any torch.jit trace (what it computes becomes a constant of the trace)."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
 
 
 def quantize_weight(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -85,25 +100,12 @@ class _QuantizedLayer(nn.Module):
                self.in_zero_point)
         return self.packs.get(key, lambda: self._prepack(x), x.shape)
 
-    def _reference(self, x, other, layer_fn):
-        """The same int8 numerics with portable ops, for ``torch.jit.trace``: the TorchScript tracer
-        cannot record oneDNN's int8 ops (their ``Scalar?[]`` arguments), so a traced artifact carries
-        the int8 weights and scales and computes dequantize -> fp32 layer -> quantize."""
-        if x.dtype == torch.uint8:
-            xf = ops.dequantize_per_tensor(x, self.in_scale, self.in_zero_point)
-        else:
-            xf = ops.dequantize_per_tensor(ops.quantize_per_tensor(x, self.in_scale, self.in_zero_point,
-                                                                   torch.uint8), self.in_scale, self.in_zero_point)
-        w = self.qweight.float() * self.w_scales.view(-1, *([1] * (self.qweight.dim() - 1)))
-        y = layer_fn(xf, w, self.bias)
-        if other is not None:
-            y = y + (ops.dequantize_per_tensor(other, self.other_scale, self.other_zero_point)
-                     if other.dtype == torch.uint8 else other)
-        if self.unary is not None:
-            y = self._eager_unary()(y)
-        if self.out_dtype == torch.uint8:
-            y = ops.quantize_per_tensor(y, self.out_scale, self.out_zero_point, torch.uint8)
-        return y
+    def _weight(self, qx: torch.Tensor) -> torch.Tensor:
+        """The weight this call's kernel takes: the module's oneDNN-packed copy in eager; in a trace, the
+        plain int8 weight, which ipex_lite's graph ops (packed_qconv / packed_qlinear) pack on the
+        machine that runs the graph (a packed tensor is no graph constant, and the tracer cannot
+        record oneDNN's own int8 ops, whose post-op arguments are Scalar?[])."""
+        return self.qweight if torch.jit.is_tracing() else self._packed(qx)
 
     def _post_op(self, supported):
         """(fused, attr, scalars, algorithm, kernel output dtype): a post-op the kernel cannot apply
@@ -161,13 +163,19 @@ class QuantizedConv(_QuantizedLayer):
         key = (self.out_scale, self.out_zero_point, slope)
         cached = self.__dict__.get("_table")
         if cached is None or cached[0] != key:
-            lo, hi = -self.out_zero_point * self.out_scale, (255 - self.out_zero_point) * self.out_scale
-            pre_scale, pre_zp = affine_qparams(lo / slope, hi)
-            pre = (torch.arange(256, dtype=torch.float64) - pre_zp) * pre_scale
-            post = torch.where(pre > 0, pre, pre * slope)
-            table = torch.clamp(torch.round(post / self.out_scale) + self.out_zero_point, 0, 255).to(torch.uint8)
-            self.__dict__["_table"] = cached = (key, (pre_scale, pre_zp, table))
+            with _untraced():  # a trace holds the table as a constant, not the ops that build it
+                cached = self._build_table(key)
         return cached[1]
+
+    def _build_table(self, key):
+        scale, zero_point, slope = key
+        lo, hi = -zero_point * scale, (255 - zero_point) * scale
+        pre_scale, pre_zp = affine_qparams(lo / slope, hi)
+        pre = (torch.arange(256, dtype=torch.float64) - pre_zp) * pre_scale
+        post = torch.where(pre > 0, pre, pre * slope)
+        table = torch.clamp(torch.round(post / scale) + zero_point, 0, 255).to(torch.uint8)
+        self.__dict__["_table"] = (key, (pre_scale, pre_zp, table))
+        return self.__dict__["_table"]
 
     def _prepack(self, x):
         return onednn.qconv_prepack(self.qweight, self.w_scales, self.in_scale, self.in_zero_point, self.stride,
@@ -179,13 +187,10 @@ class QuantizedConv(_QuantizedLayer):
             if self._activation_table() is not None else text
 
     def forward(self, x, other=None):
-        if torch.jit.is_tracing():
-            conv = F.conv2d if self.nd == 2 else F.conv1d
-            return self._reference(x, other, lambda a, w, b: conv(a, w, b, self.stride, self.padding, self.dilation,
-                                                                   self.groups))
+        traced = torch.jit.is_tracing()
         fmt = torch.channels_last if self.nd == 2 else torch.contiguous_format
         qx = self._quantize_input(x, self.in_scale, self.in_zero_point).contiguous(memory_format=fmt)
-        w = self._packed(qx)
+        w = self._weight(qx)
         fused, attr, scalars, algo, out_dtype = self._post_op(_CONV_UNARY)
         table = None if fused else self._activation_table()
         if table is not None:  # uint8 on the activation's input range; the table applies it
@@ -193,9 +198,11 @@ class QuantizedConv(_QuantizedLayer):
         else:
             out_qparams = self._out_qparams(out_dtype)
         common = (self.stride, self.padding, self.dilation, self.groups)
+        head = (qx, self.in_scale, self.in_zero_point, w, self.w_scales, self.w_zero_points)
         if other is None:
-            y = onednn.qconv_pointwise(qx, self.in_scale, self.in_zero_point, w, self.w_scales, self.w_zero_points,
-                                       self.bias, *common, *out_qparams, out_dtype, attr, scalars, algo)
+            y = ops.packed_qconv(*head, self.bias, *common, *out_qparams, out_dtype, attr, scalars, algo or "") \
+                if traced else onednn.qconv_pointwise(*head, self.bias, *common, *out_qparams, out_dtype, attr,
+                                                      scalars, algo)
             return ops.lookup_u8(y, table[2]) if table is not None else self._finish(y, fused)
         # residual add: oneDNN's sum post-op accumulates into ``other`` (uint8 with its own scale, or fp32)
         if out_dtype == torch.uint8:
@@ -207,13 +214,15 @@ class QuantizedConv(_QuantizedLayer):
             acc = ops.dequantize_per_tensor(other, self.other_scale, self.other_zero_point) \
                 if other.dtype == torch.uint8 else other.float()
             acc_scale, acc_zp = 1.0, 0
-        if acc is other and not self.inplace_add:
-            acc = acc.clone(memory_format=fmt)  # the sum is written into the accumulator
-        acc = acc.contiguous(memory_format=fmt)
-        y = onednn.qconv2d_pointwise.binary(qx, self.in_scale, self.in_zero_point, w, self.w_scales,
-                                            self.w_zero_points, acc, self.bias, *common,
-                                            *out_qparams, out_dtype, acc_scale, acc_zp, "sum", 1.0,
-                                            attr if attr != "none" else None, scalars, algo or None)
+        unary = (attr if attr != "none" else None, scalars, algo or None)
+        if traced:  # the graph op sums into a copy of the accumulator
+            y = ops.packed_qconv_add(*head, acc, self.bias, *common, *out_qparams, out_dtype, acc_scale, acc_zp, *unary)
+        else:
+            if acc is other and not self.inplace_add:
+                acc = acc.clone(memory_format=fmt)  # the sum is written into the accumulator
+            acc = acc.contiguous(memory_format=fmt)
+            y = onednn.qconv2d_pointwise.binary(*head, acc, self.bias, *common, *out_qparams, out_dtype, acc_scale,
+                                                acc_zp, "sum", 1.0, *unary)
         return ops.lookup_u8(y, table[2]) if table is not None else self._finish(y, fused)
 
 
@@ -230,16 +239,25 @@ class QuantizedLinear(_QuantizedLayer):
         self.per_token = per_token
         self.in_features, self.out_features = packed.in_features, packed.out_features
 
+    def _linear(self, qx, scale, zp, other, bias, out_qparams, out_dtype, attr="none", scalars=(), algo=""):
+        """oneDNN's int8 GEMM on the uint8 rows ``qx`` (+ ``other`` (rows, out) added in the kernel)."""
+        head = (qx, scale, zp, self._weight(qx), self.w_scales, self.w_zero_points)
+        scalars = list(scalars)
+        if torch.jit.is_tracing():
+            return ops.packed_qlinear(*head, other, bias, *out_qparams, out_dtype, attr, scalars, algo)
+        if other is None:
+            return onednn.qlinear_pointwise(*head, bias, *out_qparams, out_dtype, attr, scalars, algo)
+        return onednn.qlinear_pointwise.binary(*head, other, bias, *out_qparams, out_dtype, 1.0, 0, "add", 1.0, attr,
+                                               scalars, algo)
+
     def _per_token(self, x, other):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         qx, s = ops.quantize_per_token(x2)
-        if torch.jit.is_tracing() or x2.shape[0] == 0:  # portable ops (see _reference)
-            w = self.qweight.float() * self.w_scales.view(-1, 1)
-            y = F.linear((qx.float() - 128.0) * s.unsqueeze(1), w, self.bias)
-        else:
-            raw = onednn.qlinear_pointwise(qx, 1.0, 128, self._packed(qx), self.w_scales, self.w_zero_points, None,
-                                           1.0, 0, torch.float32, "none", [], "")
+        if x2.shape[0] == 0:
+            y = x2.new_empty((0, self.out_features), dtype=torch.float32)
+        else:  # the GEMM on scale 1 without the bias, then each row rescaled and the bias added
+            raw = self._linear(qx, 1.0, 128, None, None, (1.0, 0), torch.float32)
             y = torch.addcmul(self.bias, raw, s.unsqueeze(1)) if self.bias is not None else \
                 raw.mul_(s.unsqueeze(1))
         y = y.reshape(*lead, self.out_features)
@@ -254,8 +272,6 @@ class QuantizedLinear(_QuantizedLayer):
     def forward(self, x, other=None):
         if x.shape[-1] != self.in_features:
             raise RuntimeError(f"QuantizedLinear: input has {x.shape[-1]} features, expected {self.in_features}")
-        if torch.jit.is_tracing() and not self.dynamic:
-            return self._reference(x, other, F.linear)
         if self.per_token:
             if not x.is_floating_point():
                 raise TypeError(f"QuantizedLinear: input must be floating point, got {x.dtype}")
@@ -266,11 +282,10 @@ class QuantizedLinear(_QuantizedLayer):
             lo, hi = torch.aminmax(x.detach().float()) if x.numel() else (torch.tensor(0.0), torch.tensor(0.0))
             scale, zp = affine_qparams(lo.item(), hi.item())
         qx = self._quantize_input(x, scale, zp).reshape(-1, self.in_features)
-        w = self._packed(qx)
         fused, attr, scalars, algo, out_dtype = self._post_op(_LINEAR_UNARY)
         if other is None or other.shape != (*lead, self.out_features):
-            y = onednn.qlinear_pointwise(qx, scale, zp, w, self.w_scales, self.w_zero_points, self.bias,
-                                         *self._out_qparams(out_dtype), out_dtype, attr, scalars, algo)
+            y = self._linear(qx, scale, zp, None, self.bias, self._out_qparams(out_dtype), out_dtype, attr, scalars,
+                             algo)
             y = self._finish(y, fused).reshape(*lead, self.out_features)
             if other is not None:  # a broadcast residual: added in fp32
                 y = (y if y.is_floating_point() else ops.dequantize_per_tensor(y, self.out_scale,
@@ -278,8 +293,6 @@ class QuantizedLinear(_QuantizedLayer):
             return y
         acc = ops.dequantize_per_tensor(other, self.other_scale, self.other_zero_point) \
             if other.dtype == torch.uint8 else other.float()
-        y = onednn.qlinear_pointwise.binary(qx, scale, zp, w, self.w_scales, self.w_zero_points,
-                                            acc.reshape(-1, self.out_features), self.bias,
-                                            *self._out_qparams(out_dtype), out_dtype, 1.0, 0, "add", 1.0, attr,
-                                            scalars, algo)
+        y = self._linear(qx, scale, zp, acc.reshape(-1, self.out_features), self.bias, self._out_qparams(out_dtype),
+                         out_dtype, attr, scalars, algo)
         return self._finish(y, fused).reshape(*lead, self.out_features)

@@ -6,7 +6,8 @@ realistic sizes: batch 8 of 224² images, 4-layer base-size transformers at 8 x 
 
 Systems, interleaved in one process: stock fp32 eager, torch.compile (inductor, freezing), ipex_lite
 fp32 eager and traced + frozen, stock bf16 autocast, ipex_lite bf16, ipex_lite int8 (static,
-calibrated on 3 batches; for token models also per-token dynamic) and IPEX where it imports.  Every output is checked against stock fp32
+calibrated on 3 batches; for token models also per-token dynamic), ipex_lite's traced + frozen bf16 and
+int8 graphs, and IPEX where it imports.  Every output is checked against stock fp32
 before timing; the table carries each system's error and the explain() summary of the fp32 model.
 """
 import argparse
@@ -130,6 +131,16 @@ def bench_model(name, args, report, ipex):
         with torch.no_grad():
             fp32_jit = torch.jit.freeze(torch.jit.trace(fp32, x, check_trace=False))
             fp32_jit(x)
+        # ipex_lite's graph forms: traced + frozen bf16 and int8 artifacts (packed / int8 graph ops)
+        graphs = {}
+        for label, opt in (("ipex_lite bf16 jit", bf16), ("ipex_lite int8 jit", int8)):
+            try:
+                with torch.no_grad():
+                    graphs[label] = torch.jit.freeze(torch.jit.trace(opt, x, check_trace=False))
+                    graphs[label](x)
+            except Exception as e:  # noqa: BLE001 - a model that does not trace loses that row only
+                print(f"zoo: {name}: {label} skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}",
+                      file=sys.stderr)
 
     def autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -139,6 +150,8 @@ def bench_model(name, args, report, ipex):
                "ipex_lite bf16": lambda: bf16(x), "ipex_lite int8": lambda: int8(x)}
     if int8_token is not None:
         systems["ipex_lite int8 per-token"] = lambda: int8_token(x)
+    for label, graph in graphs.items():
+        systems[label] = lambda graph=graph: graph(x)
     if args.compile:
         compiled = _compiled(model, x)
         systems["torch.compile fp32 (freezing)"] = lambda: compiled(x)

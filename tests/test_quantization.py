@@ -457,6 +457,23 @@ def test_int8_graph_ops_match_onednn_opcheck_and_bad_inputs():
             call()
 
 
+def test_int8_model_compiles_and_exports_with_its_int8_ops():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.LeakyReLU(0.1),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 10)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    int8 = q.convert(_calibrate(model, [x]))
+    with torch.no_grad():
+        want = int8(x)
+        torch.testing.assert_close(torch.compile(int8)(x), want)
+        exported = torch.export.export(int8, (x,))
+        torch.testing.assert_close(exported.module()(x), want)
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert {"ipex_lite.packed_qconv.default", "ipex_lite.packed_qlinear.default",
+            "ipex_lite.lookup_u8.default"} <= targets, targets
+    assert not any(t.startswith("aten.") and ("conv" in t or "linear" in t) for t in targets), targets  # no fp32 layer
+
+
 _FRESH = textwrap.dedent("""
     import sys, torch, ipex_lite
     x = torch.load(sys.argv[1])

@@ -44,6 +44,13 @@ def _untraced():
         torch._C._set_tracing_state(state)
 
 
+def _graph_mode() -> bool:
+    """Whether this call is being recorded into a graph (torch.jit.trace, torch.compile, torch.export): the
+    int8 layers then call ipex_lite's graph ops on the plain int8 weight instead of oneDNN's ops on the
+    module's packed copy (a packed tensor is no graph constant)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 def quantize_weight(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel symmetric int8: w ≈ q * scale[c]."""
     amax = w.detach().abs().amax(dim=tuple(range(1, w.dim()))).float()
@@ -101,11 +108,11 @@ class _QuantizedLayer(nn.Module):
         return self.packs.get(key, lambda: self._prepack(x), x.shape)
 
     def _weight(self, qx: torch.Tensor) -> torch.Tensor:
-        """The weight this call's kernel takes: the module's oneDNN-packed copy in eager; in a trace, the
+        """The weight this call's kernel takes: the module's oneDNN-packed copy in eager; in a graph, the
         plain int8 weight, which ipex_lite's graph ops (packed_qconv / packed_qlinear) pack on the
-        machine that runs the graph (a packed tensor is no graph constant, and the tracer cannot
-        record oneDNN's own int8 ops, whose post-op arguments are Scalar?[])."""
-        return self.qweight if torch.jit.is_tracing() else self._packed(qx)
+        machine that runs the graph (a packed tensor is no graph constant, and the TorchScript tracer
+        cannot record oneDNN's own int8 ops, whose post-op arguments are Scalar?[])."""
+        return self.qweight if _graph_mode() else self._packed(qx)
 
     def _post_op(self, supported):
         """(fused, attr, scalars, algorithm, kernel output dtype): a post-op the kernel cannot apply
@@ -187,7 +194,7 @@ class QuantizedConv(_QuantizedLayer):
             if self._activation_table() is not None else text
 
     def forward(self, x, other=None):
-        traced = torch.jit.is_tracing()
+        traced = _graph_mode()
         fmt = torch.channels_last if self.nd == 2 else torch.contiguous_format
         qx = self._quantize_input(x, self.in_scale, self.in_zero_point).contiguous(memory_format=fmt)
         w = self._weight(qx)
@@ -243,7 +250,7 @@ class QuantizedLinear(_QuantizedLayer):
         """oneDNN's int8 GEMM on the uint8 rows ``qx`` (+ ``other`` (rows, out) added in the kernel)."""
         head = (qx, scale, zp, self._weight(qx), self.w_scales, self.w_zero_points)
         scalars = list(scalars)
-        if torch.jit.is_tracing():
+        if _graph_mode():
             return ops.packed_qlinear(*head, other, bias, *out_qparams, out_dtype, attr, scalars, algo)
         if other is None:
             return onednn.qlinear_pointwise(*head, bias, *out_qparams, out_dtype, attr, scalars, algo)

@@ -899,8 +899,16 @@ def _set_compute(m: _Packed, dtype: torch.dtype, kernel: Optional[str]) -> None:
         m.set_kernel(kernel)
 
 
-def _packed_layers(model):
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, _Packed)]
+def _packed_layers(model: nn.Module) -> List[tuple]:
+    """(name, module) of every packed layer, with the attention modules' QKV projections (held outside
+    the module tree so the state_dict keeps nn.MultiheadAttention's keys) as "<attention>.in_proj"."""
+    layers = []
+    for name, m in model.named_modules():
+        if isinstance(m, _Packed):
+            layers.append((name, m))
+        elif isinstance(m, InferenceMultiheadAttention) and isinstance(m.in_proj, _Packed):
+            layers.append((_join(name, "in_proj"), m.in_proj))
+    return layers
 
 
 def _all_fp32(model: nn.Module) -> None:

@@ -15,9 +15,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .._inference import (FoldedBatchNorm, Knobs, Report, _replace_dropout, _rewrite, _set,
+from .._inference import (FoldedBatchNorm, Knobs, Report, _packed_layers, _replace_dropout, _rewrite, _set,
                           _use_fast_transformers)
-from ..nn.attention import InferenceMultiheadAttention
 from ..nn.prepacked import PackedConv, PackedLinear, _Packed
 from ._modules import QuantizedConv, QuantizedLinear, _QuantizedLayer
 from ._observers import FixedRange, HistogramObserver, MinMaxObserver
@@ -96,17 +95,6 @@ def _quantizable(m: nn.Module, qconfig: Optional[QConfig]) -> bool:
     if isinstance(m, PackedLinear):
         return m.sources is None
     return isinstance(m, PackedConv) and m.nd in (1, 2) and m.prepack and not qconfig.dynamic
-
-
-def _packed_layers(model: nn.Module):
-    """(name, module) of every packed layer, with the attention modules' QKV projections (held outside
-    the module tree so the state_dict keeps nn.MultiheadAttention's keys) as "<attention>.in_proj"."""
-    for name, m in model.named_modules():
-        if isinstance(m, _Packed):
-            yield name, m
-        elif isinstance(m, InferenceMultiheadAttention) and isinstance(m.in_proj, _Packed) \
-                and "in_proj" not in m._modules:
-            yield f"{name}.in_proj", m.in_proj
 
 
 class PreparedModel(nn.Module):

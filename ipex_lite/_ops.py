@@ -350,15 +350,20 @@ def _check_packed_operands(op, x, w, dim):
                  lambda: f"{op}: input and weight must both be float32 or both bfloat16, got {x.dtype} and {w.dtype}")
 
 
-def _packed_conv_out(op, x, w, padding, stride, dilation, groups):
-    _check_packed_operands(op, x, w, x.dim())
-    torch._check(x.dim() in (4, 5), lambda: f"{op}: input must be 4-D or 5-D, got {tuple(x.shape)}")
+def _conv_out_shape(op, x, w, padding, stride, dilation, groups):
     torch._check(x.shape[1] == w.shape[1] * groups,
                  lambda: f"{op}: input has {x.shape[1]} channels, the weight expects {w.shape[1] * groups}")
     spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1
                for n, k, p, s, d in zip(x.shape[2:], w.shape[2:], padding, stride, dilation)]
+    return (x.shape[0], w.shape[0], *spatial)
+
+
+def _packed_conv_out(op, x, w, padding, stride, dilation, groups):
+    _check_packed_operands(op, x, w, x.dim())
+    torch._check(x.dim() in (4, 5), lambda: f"{op}: input must be 4-D or 5-D, got {tuple(x.shape)}")
+    shape = _conv_out_shape(op, x, w, padding, stride, dilation, groups)
     fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d  # oneDNN's output, whatever the input
-    return x.new_empty((x.shape[0], w.shape[0], *spatial)).contiguous(memory_format=fmt)
+    return x.new_empty(shape).contiguous(memory_format=fmt)
 
 
 @torch.library.register_fake("ipex_lite::packed_conv")
@@ -417,11 +422,7 @@ def _check_quantized_operands(op, qx, qw, dim):
 def _packed_qconv_out(op, qx, qw, stride, padding, dilation, groups, out_dtype):
     _check_quantized_operands(op, qx, qw, qx.dim())
     torch._check(qx.dim() in (3, 4), lambda: f"{op}: input must be 3-D or 4-D, got {tuple(qx.shape)}")
-    torch._check(qx.shape[1] == qw.shape[1] * groups,
-                 lambda: f"{op}: input has {qx.shape[1]} channels, the weight expects {qw.shape[1] * groups}")
-    spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1
-               for n, k, p, s, d in zip(qx.shape[2:], qw.shape[2:], padding, stride, dilation)]
-    out = qx.new_empty((qx.shape[0], qw.shape[0], *spatial), dtype=out_dtype)
+    out = qx.new_empty(_conv_out_shape(op, qx, qw, padding, stride, dilation, groups), dtype=out_dtype)
     return out.contiguous(memory_format=torch.channels_last) if qx.dim() == 4 else out
 
 

@@ -444,6 +444,8 @@ def test_int8_graph_ops_match_onednn_opcheck_and_bad_inputs():
                                              ""))
     torch.library.opcheck(ops.packed_qlinear, (qa, 0.1, 3, lw, ls, lz, None, None, 1.0, 0, torch.float32, "none", [],
                                                ""))
+    torch.library.opcheck(ops.packed_qconv_add, (qx, 0.02, 100, qw, ws, wz, acc, b, *geo, 1.0, 0, torch.float32, 1.0,
+                                                 0, None, [], None))
     bad = [(lambda: ops.packed_qconv(qx.float(), 0.02, 100, qw, ws, wz, b, *geo, 1.0, 0, torch.float32, "none", [],
                                      ""), "uint8"),
            (lambda: ops.packed_qconv(qx, 0.02, 100, qw.float(), ws, wz, b, *geo, 1.0, 0, torch.float32, "none", [],

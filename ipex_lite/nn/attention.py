@@ -74,6 +74,11 @@ class InferenceMultiheadAttention(nn.MultiheadAttention):
             projections[part] = PackedLinear(_InProj(w, b), dtype=self.out_proj.dtype, prepack=self.out_proj.prepack)
         return projections[part]
 
+    def _sizes(self, query, key):
+        """(batch, target length, source length) of 3-D inputs in the module's layout."""
+        bdim = 0 if self.batch_first else 1
+        return query.shape[bdim], query.shape[1 - bdim], key.shape[1 - bdim]
+
     def _served(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal=False) -> bool:
         if need_weights or self.in_proj is None or not self._qkv_same_embed_dim or self.bias_k is not None \
                 or self.add_zero_attn or (self.training and self.dropout > 0) or (is_causal and attn_mask is None):
@@ -84,9 +89,9 @@ class InferenceMultiheadAttention(nn.MultiheadAttention):
                 return False
         if _grad_needed(query, key, value, self.in_proj_weight):
             return False
-        bdim = 0 if self.batch_first else 1
-        b, length, src_len = query.shape[bdim], query.shape[1 - bdim], key.shape[1 - bdim]
-        if key.shape != value.shape or key.shape[bdim] != b or b == 0 or length == 0 or src_len == 0:
+        b, length, src_len = self._sizes(query, key)
+        if key.shape != value.shape or key.shape[0 if self.batch_first else 1] != b or b == 0 or length == 0 \
+                or src_len == 0:
             return False
         for mask, shapes in ((key_padding_mask, [(b, src_len)]),
                              (attn_mask, [(length, src_len), (b * self.num_heads, length, src_len)])):
@@ -163,8 +168,7 @@ class InferenceMultiheadAttention(nn.MultiheadAttention):
         if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and query.dim() == 3
                 and key.dim() == 3) or query.is_nested or key.is_nested:
             return
-        bdim = 0 if self.batch_first else 1
-        b, length, src_len = query.shape[bdim], query.shape[1 - bdim], key.shape[1 - bdim]
+        b, length, src_len = self._sizes(query, key)
         if isinstance(key_padding_mask, torch.Tensor) and tuple(key_padding_mask.shape) != (b, src_len):
             raise RuntimeError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, but should be "
                                f"(batch, source length) = {(b, src_len)}")

@@ -114,6 +114,11 @@ class _QuantizedLayer(nn.Module):
         cannot record oneDNN's own int8 ops, whose post-op arguments are Scalar?[])."""
         return self.qweight if _graph_mode() else self._packed(qx)
 
+    def _other_fp32(self, other: torch.Tensor) -> torch.Tensor:
+        """A residual operand as fp32: dequantized with its own scale when it arrives as uint8."""
+        return ops.dequantize_per_tensor(other, self.other_scale, self.other_zero_point) \
+            if other.dtype == torch.uint8 else other.float()
+
     def _post_op(self, supported):
         """(fused, attr, scalars, algorithm, kernel output dtype): a post-op the kernel cannot apply
         runs in fp32 after it (see _finish), so the kernel then writes fp32."""
@@ -218,8 +223,7 @@ class QuantizedConv(_QuantizedLayer):
                                         self.other_zero_point, torch.uint8)
             acc_scale, acc_zp = self.other_scale, self.other_zero_point
         else:
-            acc = ops.dequantize_per_tensor(other, self.other_scale, self.other_zero_point) \
-                if other.dtype == torch.uint8 else other.float()
+            acc = self._other_fp32(other)
             acc_scale, acc_zp = 1.0, 0
         unary = (attr if attr != "none" else None, scalars, algo or None)
         if traced:  # the graph op sums into a copy of the accumulator
@@ -269,8 +273,7 @@ class QuantizedLinear(_QuantizedLayer):
                 raw.mul_(s.unsqueeze(1))
         y = y.reshape(*lead, self.out_features)
         if other is not None:
-            y = y + (ops.dequantize_per_tensor(other, self.other_scale, self.other_zero_point)
-                     if other.dtype == torch.uint8 else other)
+            y = y + self._other_fp32(other)
         return y if self.unary is None else self._eager_unary()(y)
 
     def _prepack(self, x):
@@ -298,8 +301,7 @@ class QuantizedLinear(_QuantizedLayer):
                 y = (y if y.is_floating_point() else ops.dequantize_per_tensor(y, self.out_scale,
                                                                                 self.out_zero_point)) + other
             return y
-        acc = ops.dequantize_per_tensor(other, self.other_scale, self.other_zero_point) \
-            if other.dtype == torch.uint8 else other.float()
+        acc = self._other_fp32(other)
         y = self._linear(qx, scale, zp, acc.reshape(-1, self.out_features), self.bias, self._out_qparams(out_dtype),
                          out_dtype, attr, scalars, algo)
         return self._finish(y, fused).reshape(*lead, self.out_features)

@@ -6,7 +6,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C
 from . import _ops  # noqa: F401  (fake kernels and autograd for torch.ops.ipex_lite)
-from . import cpu, distributed, nn, optim, quantization
+from . import cpu, distributed, llm, nn, optim, quantization
 from ._aten_overrides import (aten_overrides, available_aten_overrides, disable_aten_overrides,
                               enable_aten_overrides, enabled_aten_overrides)
 from ._inference import explain
@@ -14,7 +14,7 @@ from .frontend import optimize
 
 __version__ = "0.1.0"
 __all__ = ["aten_overrides", "available_aten_overrides", "disable_aten_overrides", "enable_aten_overrides",
-           "enabled_aten_overrides", "cpu", "cpu_capability", "distributed", "isa_info", "explain", "nn", "optim", "optimize", "quantization", "__version__"]
+           "enabled_aten_overrides", "cpu", "cpu_capability", "distributed", "isa_info", "explain", "llm", "nn", "optim", "optimize", "quantization", "__version__"]
 
 
 def cpu_capability() -> str:

@@ -446,3 +446,67 @@ def _packed_qlinear_fake(qx, x_scale, x_zp, qw, w_scales, w_zps, other, b, out_s
     torch._check(qx.dim() == 2 and qx.shape[1] == qw.shape[1],
                  lambda: f"packed_qlinear: input must be (rows, {qw.shape[1]}), got {tuple(qx.shape)}")
     return qx.new_empty((qx.shape[0], qw.shape[0]), dtype=out_dtype)
+
+
+# ---------------------------------------------------------------- decoder-LLM ops (ipex_lite.llm)
+
+@torch.library.register_fake("ipex_lite::linear_small_m")
+def _linear_small_m_fake(input, weight, bias=None):
+    op = "linear_small_m"
+    torch._check(weight.dim() == 2 and weight.dtype == torch.bfloat16,
+                 lambda: f"{op}: weight must be a 2-D bfloat16 tensor, got {weight.dtype} {tuple(weight.shape)}")
+    torch._check(input.dtype in (torch.float32, torch.bfloat16), lambda: f"{op}: input must be float32 or bfloat16")
+    torch._check(input.dim() >= 1 and input.shape[-1] == weight.shape[1],
+                 lambda: f"{op}: input has {input.shape[-1]} features but weight expects {weight.shape[1]}")
+    torch._check(bias is None or tuple(bias.shape) == (weight.shape[0],),
+                 lambda: f"{op}: bias must have shape ({weight.shape[0]},)")
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+def _rms_norm_fake_checks(op, input, weight):
+    torch._check(input.dtype in (torch.float32, torch.bfloat16), lambda: f"{op}: input must be float32 or bfloat16")
+    torch._check(input.dim() >= 1 and input.shape[-1] > 0, lambda: f"{op}: input needs a non-empty last dimension")
+    torch._check(tuple(weight.shape) == (input.shape[-1],) and weight.dtype == input.dtype,
+                 lambda: f"{op}: weight must be ({input.shape[-1]},) of dtype {input.dtype}")
+
+
+@torch.library.register_fake("ipex_lite::rms_norm")
+def _rms_norm_fake(input, weight, eps):
+    _rms_norm_fake_checks("rms_norm", input, weight)
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("ipex_lite::add_rms_norm")
+def _add_rms_norm_fake(input, residual, weight, eps):
+    _rms_norm_fake_checks("add_rms_norm", input, weight)
+    torch._check(residual.shape == input.shape and residual.dtype == input.dtype,
+                 lambda: "add_rms_norm: residual must have input's shape and dtype")
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("ipex_lite::rotary_embedding_")
+def _rotary_fake(input, cos, sin):
+    torch._check(input.dim() == 4, lambda: "rotary_embedding_: input must be 4-D (batch, sequence, heads, head_dim)")
+    torch._check(cos.shape == sin.shape and cos.shape[-1] % 2 == 0 and cos.shape[-1] <= input.shape[-1],
+                 lambda: "rotary_embedding_: cos/sin must share a shape with an even rotary dim <= head_dim")
+    return None
+
+
+@torch.library.register_fake("ipex_lite::silu_mul")
+def _silu_mul_fake(x, y):
+    torch._check(x.shape == y.shape and x.dtype == y.dtype and x.dim() >= 1,
+                 lambda: "silu_mul: x and y must share a shape and dtype")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("ipex_lite::decode_attention")
+def _decode_attention_fake(query, key, value, attn_mask=None, is_causal=False, scale=None):
+    op = "decode_attention"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        torch._check(t.dim() == 4 and t.dtype == query.dtype and t.dtype in (torch.float32, torch.bfloat16),
+                     lambda: f"{op}: {name} must be 4-D with query's dtype (float32 or bfloat16)")
+    b, h, lq, e = query.shape
+    torch._check(key.shape[0] == b and key.shape[3] == e and h % key.shape[1] == 0,
+                 lambda: f"{op}: key {tuple(key.shape)} does not fit query {tuple(query.shape)}")
+    torch._check(value.shape[:3] == key.shape[:3], lambda: f"{op}: value {tuple(value.shape)} does not fit key")
+    return query.new_empty((b, lq, h, value.shape[3])).permute(0, 2, 1, 3)

@@ -13,6 +13,7 @@
 
 #include "dispatch/isa.h"
 #include "kernels/attention_kernel.h"
+#include "ops/attention.h"
 
 IPEX_LITE_DECLARE_KERNEL_TABLE(AttentionKernels, attention_kernels)
 
@@ -31,30 +32,6 @@ void check_operand(const at::Tensor& t, const char* name) {
 }
 
 at::Tensor unit_last_stride(const at::Tensor& t) { return t.size(3) > 1 && t.stride(3) != 1 ? t.contiguous() : t; }
-
-// The mask as fp32 additive values, expanded (stride 0) to (B, H, Lq, Lk).
-at::Tensor additive_mask(const at::Tensor& mask, at::IntArrayRef shape) {
-  TORCH_CHECK(mask.device().is_cpu() && mask.layout() == at::kStrided, kOp,
-              ": attn_mask must be a dense CPU tensor");
-  const auto dt = mask.scalar_type();
-  TORCH_CHECK(dt == at::kBool || dt == at::kFloat || dt == at::kBFloat16, kOp, ": attn_mask has dtype ", dt,
-              "; expected bool, float32 or bfloat16");
-  TORCH_CHECK(mask.dim() <= 4, kOp, ": attn_mask must have at most 4 dimensions, got shape ", mask.sizes());
-  for (int64_t i = 1; i <= mask.dim(); ++i) {
-    const int64_t m = mask.size(-i), want = shape[4 - i];
-    TORCH_CHECK(m == want || m == 1, kOp, ": attn_mask of shape ", mask.sizes(),
-                " does not broadcast to (batch, heads, query length, key length) = ", shape);
-  }
-  at::Tensor add;
-  if (dt == at::kBool) {  // true: take part; false: masked out
-    add = at::zeros(mask.sizes(), mask.options().dtype(at::kFloat))
-              .masked_fill_(mask.logical_not(), -std::numeric_limits<float>::infinity());
-  } else {
-    add = mask.to(at::kFloat);
-  }
-  add = add.expand(shape);
-  return add.size(3) > 1 && add.stride(3) > 1 ? add.contiguous() : add;
-}
 
 at::Tensor sdpa_cpu(const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in,
                     const std::optional<at::Tensor>& attn_mask, bool is_causal, std::optional<double> scale) {
@@ -81,7 +58,7 @@ at::Tensor sdpa_cpu(const at::Tensor& query_in, const at::Tensor& key_in, const 
   if (out.numel() == 0) return out;
   if (lk == 0) return out.zero_();  // no keys: the weighted sum of nothing
   const at::Tensor q = unit_last_stride(query_in), k = unit_last_stride(key_in), v = unit_last_stride(value_in);
-  const at::Tensor mask = has_mask ? additive_mask(*attn_mask, {batch, heads, lq, lk}) : at::Tensor();
+  const at::Tensor mask = has_mask ? additive_mask(kOp, *attn_mask, {batch, heads, lq, lk}) : at::Tensor();
 
   kernels::AttentionArgs a{};
   a.q = q.data_ptr();
@@ -137,6 +114,30 @@ at::Tensor sdpa_autocast(const at::Tensor& query, const at::Tensor& key, const a
 }
 
 }  // namespace
+
+at::Tensor additive_mask(const char* kOp, const at::Tensor& mask, at::IntArrayRef shape) {
+  TORCH_CHECK(mask.device().is_cpu() && mask.layout() == at::kStrided, kOp,
+              ": attn_mask must be a dense CPU tensor");
+  const auto dt = mask.scalar_type();
+  TORCH_CHECK(dt == at::kBool || dt == at::kFloat || dt == at::kBFloat16, kOp, ": attn_mask has dtype ", dt,
+              "; expected bool, float32 or bfloat16");
+  TORCH_CHECK(mask.dim() <= 4, kOp, ": attn_mask must have at most 4 dimensions, got shape ", mask.sizes());
+  for (int64_t i = 1; i <= mask.dim(); ++i) {
+    const int64_t m = mask.size(-i), want = shape[4 - i];
+    TORCH_CHECK(m == want || m == 1, kOp, ": attn_mask of shape ", mask.sizes(),
+                " does not broadcast to (batch, heads, query length, key length) = ", shape);
+  }
+  at::Tensor add;
+  if (dt == at::kBool) {  // true: take part; false: masked out
+    add = at::zeros(mask.sizes(), mask.options().dtype(at::kFloat))
+              .masked_fill_(mask.logical_not(), -std::numeric_limits<float>::infinity());
+  } else {
+    add = mask.to(at::kFloat);
+  }
+  add = add.expand(shape);
+  return add.size(3) > 1 && add.stride(3) > 1 ? add.contiguous() : add;
+}
+
 }  // namespace ipex_lite
 
 TORCH_LIBRARY_FRAGMENT(ipex_lite, m) {

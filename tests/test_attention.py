@@ -81,6 +81,19 @@ def test_masks(dtype):
                                    atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fully_masked_rows_are_zero_like_torch(dtype):
+    # left-padded prompts: the padding query rows see no key.  NaN there would reach the next layer's
+    # keys and, through NaN + (-inf), every valid row (found by the LLM left-padding test).
+    q, k, v = heads_of(2, 2, 6, 16, dtype), heads_of(2, 2, 6, 16, dtype), heads_of(2, 2, 6, 16, dtype)
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    mask[1, :, :3] = False
+    out = op(q, k, v, mask, False, None)
+    assert torch.equal(out[1, :, :3], torch.zeros_like(out[1, :, :3]))
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                               atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=0)
+
+
 def test_output_layout_and_empty_cases():
     q, k, v = heads_of(2, 3, 5, 8), heads_of(2, 3, 7, 8), heads_of(2, 3, 7, 4)
     out = op(q, k, v, None, False, None)

@@ -77,7 +77,8 @@ void transpose_widen(const T* k, int64_t ld, int64_t n, int64_t e, float* kt) {
 }
 
 // Scores row -> exp(s - max) in place over [0, valid) and zeros over [valid, lk);
-// returns 1 / sum.  `m` is the additive mask row (null: none), column stride ms.
+// returns 1 / sum (0 for a row whose every key is masked out: its output is zeros, as
+// torch's CPU kernels give, and a NaN never reaches the next layer's keys).  `m` is the additive mask row (null: none), column stride ms.
 float softmax_row(float* s, int64_t valid, int64_t lk, const float* m, int64_t ms) {
   __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < valid; j += 16) {
@@ -89,7 +90,12 @@ float softmax_row(float* s, int64_t valid, int64_t lk, const float* m, int64_t m
     }
     vmax = _mm512_mask_max_ps(vmax, mk, vmax, x);
   }
-  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+  const float row_max = _mm512_reduce_max_ps(vmax);
+  if (row_max == -std::numeric_limits<float>::infinity()) {  // every key masked out: a zero row, not NaN
+    for (int64_t j = 0; j < lk; ++j) s[j] = 0.f;
+    return 0.f;
+  }
+  const __m512 mx = _mm512_set1_ps(row_max);
   __m512 vsum = _mm512_setzero_ps();
   for (int64_t j = 0; j < valid; j += 16) {
     const __mmask16 mk = tail_mask16(valid - j);
@@ -114,6 +120,10 @@ float softmax_row(float* s, int64_t valid, int64_t lk, const float* m, int64_t m
   for (int64_t j = 0; j < valid; ++j) {
     if (m != nullptr) s[j] += m[j * ms];
     mx = s[j] > mx ? s[j] : mx;
+  }
+  if (mx == -std::numeric_limits<float>::infinity()) {  // every key masked out: a zero row, not NaN
+    for (int64_t j = 0; j < lk; ++j) s[j] = 0.f;
+    return 0.f;
   }
   float sum = 0.f;
   for (int64_t j = 0; j < valid; ++j) {

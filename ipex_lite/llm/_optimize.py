@@ -260,7 +260,24 @@ def _set(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 class _CachedGenerationMixin:
-    """generate() with a KV cache allocated once per call (see ipex_lite.llm.cache)."""
+    """generate() with a KV cache allocated once per call (see ipex_lite.llm.cache), and prompts checked
+    before any cache is written."""
+
+    def generate(self, inputs=None, *args, **kwargs):
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            if ids.shape[-1] == 0:
+                raise ValueError("ipex_lite.llm: generate() got an empty prompt (input_ids of length 0)")
+            cfg = self.config.get_text_config(decoder=True)
+            limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+            gen = kwargs.get("generation_config") or self.generation_config
+            new = kwargs.get("max_new_tokens", gen.max_new_tokens)
+            total = ids.shape[-1] + new if new is not None else kwargs.get("max_length", gen.max_length)
+            total = max(total or 0, ids.shape[-1] + 1)
+            if isinstance(limit, int) and total > limit:
+                raise ValueError(f"ipex_lite.llm: the prompt ({ids.shape[-1]} tokens) and the tokens to generate "
+                                 f"need {total} positions, more than the model's max_position_embeddings ({limit})")
+        return super().generate(inputs, *args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)

@@ -38,21 +38,33 @@ def build_model(layers: int, hidden: int, intermediate: int, heads: int, kv_head
     return model
 
 
-def read_bandwidth_gbs(samples: int = 5) -> float:
-    """Streaming read bandwidth (GB/s) of a 1 GB fp32 sum, median of `samples`."""
-    buf = torch.ones(256 * 1024 * 1024)
-    times = []
-    for _ in range(samples + 1):
+class Bandwidth:
+    """Streaming read bandwidth: one sum over 1 GB of random fp32 per sample (random: a hypervisor may
+    merge identical pages, and a buffer of ones then reads from cache).  Sampled between the systems'
+    samples, since a shared host's bandwidth moves with its neighbours."""
+
+    def __init__(self):
+        self.buf = torch.rand(256 * 1024 * 1024)
+        self.samples = []
+        self.sample()
+
+    def sample(self) -> None:
         t0 = time.perf_counter()
-        buf.sum()
-        times.append(time.perf_counter() - t0)
-    return buf.numel() * 4 / statistics.median(times[1:]) / 1e9
+        self.buf.sum()
+        self.samples.append(self.buf.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+
+    def gbs(self) -> float:
+        return statistics.median(self.samples)
 
 
 def weight_bytes(model) -> int:
     """Bytes of every Linear weight (what one decode step reads; the embedding reads one row)."""
-    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
-               if isinstance(m, torch.nn.Linear))
+    seen = {}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):  # fused projections are views: count each byte once
+            storage = m.weight.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
 
 
 class _Stamps:
@@ -68,12 +80,26 @@ class _Stamps:
         pass
 
 
+def _hand_built_class():
+    """tutorials/llm.py's HandBuiltLlama: the decoder assembled from ipex_lite.llm.modules."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "tutorial_llm", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tutorials", "llm.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.HandBuiltLlama
+
+
 def timed_generate(model, ids, new_tokens: int):
     stamps = _Stamps()
     t0 = time.perf_counter()
     with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, streamer=stamps, pad_token_id=0)
+        if hasattr(model, "generate_greedy"):  # the hand-built decoder's own loop
+            model.generate_greedy(ids, new_tokens, on_token=lambda: stamps.put(None))
+            stamps.times.insert(0, t0)
+        else:
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, streamer=stamps, pad_token_id=0)
     # the streamer's first put() is the prompt itself; then one per generated token
     t = stamps.times[1:]
     prefill = t[0] - t0
@@ -109,14 +135,15 @@ def main(argv=None) -> int:
         compiled.forward = torch.compile(compiled.forward, dynamic=True)
         systems["torch.compile bf16"] = compiled
     systems["ipex_lite bf16"] = ipex_lite.llm.optimize(copy.deepcopy(fp32), dtype=torch.bfloat16, inplace=True)
+    systems["ipex_lite modules (hand-built) bf16"] = _hand_built_class()(bf16)
     ipex = import_ipex()
     if ipex is not None:
         systems["IPEX bf16"] = ipex.llm.optimize(copy.deepcopy(fp32).to(torch.bfloat16), dtype=torch.bfloat16,
                                                  inplace=True, deployment_mode=True)
-    bandwidth = read_bandwidth_gbs()
+    bandwidth = Bandwidth()
     report = Report(f"LLM generation, Llama {args.layers} layers (hidden {args.hidden}, {args.heads}/{args.kv_heads} "
                     f"heads), greedy, {args.new_tokens} new tokens", "stock bf16")
-    notes = [f"read bandwidth measured in this run: {bandwidth:.1f} GB/s (1 GB fp32 sum)"]
+    notes = []
     d = args.hidden // args.heads
     for case in args.cases.split(","):
         batch, prompt = (int(v) for v in case.split("x"))
@@ -127,25 +154,30 @@ def main(argv=None) -> int:
             ref = bf16(ids).logits[:, -1].float()
             for name, model in active.items():
                 if name.startswith("ipex_lite") or name.startswith("IPEX"):
-                    got = model(ids).logits[:, -1].float()
+                    out = model(ids)
+                    got = (out if isinstance(out, torch.Tensor) else out.logits)[:, -1].float()
                     err = float((got - ref).abs().max() / ref.abs().max())
                     notes.append(f"b{batch} p{prompt}: {name} last-position logits vs stock bf16: max rel err {err:.2e}")
         for _ in range(args.warmup):
             for model in active.values():
                 timed_generate(model, ids, 2)
         samples = {n: ([], []) for n in active}
+        bandwidth.samples = []
         for _ in range(args.repeat):
             for name, model in active.items():
                 p, dt = timed_generate(model, ids, args.new_tokens)
                 samples[name][0].append(p)
                 samples[name][1].append(dt)
+                bandwidth.sample()
+        gbs = bandwidth.gbs()
+        notes.append(f"b{batch} p{prompt}: read bandwidth {gbs:.1f} GB/s (median of samples between the systems')")
         kv_len = prompt + args.new_tokens // 2
         prefill, decode, extra = {}, {}, {}
         for name, (ps, ds) in samples.items():
             model = active[name]
             elt = 4 if name == "stock fp32" else 2
             kv_bytes = 2 * args.layers * batch * args.kv_heads * kv_len * d * elt
-            limit_ms = (weight_bytes(model) + kv_bytes) / (bandwidth * 1e9) * 1e3
+            limit_ms = (weight_bytes(model) + kv_bytes) / (gbs * 1e9) * 1e3
             prefill[name] = {"median_ms": statistics.median(ps), "min_ms": min(ps)}
             decode[name] = {"median_ms": statistics.median(ds), "min_ms": min(ds)}
             extra[name] = {"tok_per_s": batch * 1e3 / statistics.median(ds), "limit_ms": limit_ms,

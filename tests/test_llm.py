@@ -488,48 +488,35 @@ def test_unrecognised_blocks_are_explained():
 
 
 # ---------------------------------------------------------------- a decoder from ipex_lite.llm.modules
-class HandDecoder(nn.Module):
-    def __init__(self, hf):
-        super().__init__()
-        cfg = hf.config
-        d = cfg.hidden_size // cfg.num_attention_heads
-        self.rotary = LM.RotaryEmbedding(cfg.max_position_embeddings, d, base=cfg.rope_parameters["rope_theta"]
-                                         if hasattr(cfg, "rope_parameters") else cfg.rope_theta)
-        self.embed = hf.model.embed_tokens
-        self.layers = nn.ModuleList(
-            LM.DecoderLayer(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                            i, self.rotary, eps=cfg.rms_norm_eps, dtype=hf.dtype)
-            for i in range(cfg.num_hidden_layers))
-        self.norm = LM.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, torch.ones(cfg.hidden_size, dtype=hf.dtype))
-        self.lm_head = LM.LinearFast(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=hf.dtype)
-        own = {k.replace("model.", "", 1).replace("embed_tokens", "embed"): v for k, v in hf.state_dict().items()}
-        missing, unexpected = self.load_state_dict(own, strict=False)
-        assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
-
-    def forward(self, ids, cache=None):
-        start = cache.seq_length() if cache is not None else 0
-        pos = torch.arange(start, start + ids.shape[1]).expand(ids.shape[0], -1)
-        h = self.embed(ids)
-        for layer in self.layers:
-            h = layer(h, pos, cache)
-        return self.lm_head(self.norm(h))
+def _tutorial():
+    """tutorials/llm.py (its HandBuiltLlama: a Llama assembled from ipex_lite.llm.modules)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tutorials", "llm.py")
+    spec = importlib.util.spec_from_file_location("tutorial_llm", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hand_built_decoder_matches_hf_llama(dtype):
     hf = _tiny("llama", seed=9).to(dtype)
-    dec = HandDecoder(hf).eval()
+    dec = _tutorial().HandBuiltLlama(hf)
+    keys = set(dec.state_dict())
     ids = _ids(length=20, seed=10)
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     with torch.no_grad():
         want = hf(ids).logits
         assert rel(dec(ids), want) < tol
-        cfg = hf.config
-        cache = ipex_lite.llm.StaticKVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads,
-                                            cfg.hidden_size // cfg.num_attention_heads, 64, dtype=dtype)
+        assert set(dec.state_dict()) == keys  # the fused projections add no keys
+        cache = dec.new_cache(1, 64)
         first = dec(ids[:, :17], cache)
         steps = [dec(ids[:, i:i + 1], cache) for i in range(17, 20)]
         assert rel(torch.cat([first] + steps, 1), want) < tol
         with pytest.raises(ValueError, match="do not fit the cache's max_length 64"):
             dec(_ids(length=50), cache)
         assert cache.seq_length() == 20  # nothing was written by the failed call
+        if dtype == torch.float32:  # greedy tokens equal transformers'
+            want_tokens = hf.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+            assert torch.equal(dec.generate_greedy(ids, 10), want_tokens)

@@ -7,7 +7,7 @@ modules are for inference, not training.
 ``DecoderLayer`` is a Llama-style pre-norm block assembled from the others, and ``tests/test_llm.py``
 checks that such a hand-built decoder computes what Hugging Face's Llama computes.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -118,12 +118,12 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, dtype=dtype)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, dtype=dtype)
         self.down_proj = LinearFast(intermediate_size, hidden_size, bias=bias, dtype=dtype)
-        self._gate_up: Optional[Linear2SiluMul] = None
+        self._gate_up: List[Linear2SiluMul] = []  # a list: not a child, no extra state_dict keys
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._gate_up is None or self._gate_up.linear_s.weight.data_ptr() != self._gate_up._fused[0].weight.data_ptr():
-            self._gate_up = Linear2SiluMul(self.gate_proj, self.up_proj)  # first call, or weights were reloaded
-        return self.down_proj(self._gate_up(x))
+        if not self._gate_up or self.gate_proj.weight.data_ptr() != self._gate_up[0]._fused[0].weight.data_ptr():
+            self._gate_up[:] = [Linear2SiluMul(self.gate_proj, self.up_proj)]  # first call, or weights reloaded
+        return self.down_proj(self._gate_up[0](x))
 
 
 class CachedAttention(nn.Module):
@@ -144,15 +144,15 @@ class CachedAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * d, bias=bias, dtype=dtype)
         self.o_proj = LinearFast(num_heads * d, hidden_size, bias=False, dtype=dtype)
         self._rotary = [rotary]  # shared by the layers, not a child
-        self._qkv: Optional[LinearFast] = None
+        self._qkv: List[LinearFast] = []  # not a child either: q/k/v_proj hold the Parameters
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, cache: Optional[StaticKVCache] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self._qkv is None or self.q_proj.weight.data_ptr() != self._qkv.weight.data_ptr():
-            self._qkv = _fuse_rows(self.q_proj, self.k_proj, self.v_proj)
+        if not self._qkv or self.q_proj.weight.data_ptr() != self._qkv[0].weight.data_ptr():
+            self._qkv[:] = [_fuse_rows(self.q_proj, self.k_proj, self.v_proj)]
         b, s, _ = x.shape
         hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self._qkv(x).view(b, s, hq + 2 * hk, d)
+        qkv = self._qkv[0](x).view(b, s, hq + 2 * hk, d)
         q, k, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hk], qkv[:, :, hq + hk:]
         q, k = self._rotary[0](q, k, position_ids)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

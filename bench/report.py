@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {
     "models": ([], None),
     "zoo": (["--no-compile"], None),
+    "llm": ([], ["--quick"]),
     "int8": ([], None),
     "interaction": ([], ["--quick", "--no-compile"]),
     "attention": ([], ["--quick"]),

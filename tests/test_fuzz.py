@@ -217,6 +217,69 @@ def test_frozen_batch_norm(data):
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
 
+@FUZZ
+@given(st.data())
+def test_linear_small_m(data):
+    m, k, n = data.draw(st.integers(0, 10)), data.draw(st.integers(0, 70)), data.draw(st.integers(1, 40))
+    x = _tensor(data.draw, (m, k), torch.bfloat16, special=True)
+    w = _tensor(data.draw, (n, k), torch.bfloat16)
+    bad = data.draw(st.sampled_from([None, "k", "wdtype", "bias"]))
+    bias = None
+    if bad == "k":
+        x = _tensor(data.draw, (m, k + 1), torch.bfloat16)
+    elif bad == "wdtype":
+        w = w.float()
+    elif bad == "bias":
+        bias = torch.zeros(n + 1, dtype=torch.bfloat16)
+    try:
+        got = ops.linear_small_m(x, w, bias)
+    except CLEAR:
+        assert bad is not None
+        return
+    assert bad is None
+    want = F.linear(x.double(), w.double())
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * (1 + k), equal_nan=True)
+
+
+@FUZZ
+@given(st.data())
+def test_decode_ops(data):
+    b, hk, g = data.draw(st.integers(0, 3)), data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
+    lq, lk, d = data.draw(st.integers(1, 5)), data.draw(st.integers(0, 40)), data.draw(st.integers(1, 24))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
+    q = _tensor(data.draw, (b, hk * g, lq, d), dtype)
+    k = _tensor(data.draw, (b, hk, lk, d), dtype)
+    v = _tensor(data.draw, (b, hk, lk, d), dtype)
+    mask = None
+    if data.draw(st.booleans()):
+        mask = torch.rand(b, 1, lq, data.draw(st.sampled_from([lk, lk + 1]))) > 0.3
+    causal = mask is None and data.draw(st.booleans())
+    try:
+        got = ops.decode_attention(q, k, v, mask, causal, None)
+    except CLEAR:
+        assert dtype == torch.float64 or (mask is not None and mask.shape[-1] != lk) or (causal and lq > lk)
+        return
+    assert dtype != torch.float64 and not (causal and lq > lk)
+    if lk == 0 or b == 0:
+        assert got.abs().sum() == 0
+        return
+    kk, vv = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = q.double() @ kk.transpose(-1, -2) / d ** 0.5
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    if causal:
+        s = s.masked_fill(~torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq), float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # a row with no key: zeros
+    torch.testing.assert_close(got.double(), p @ vv, rtol=3e-2, atol=3e-2)
+    # the other decode ops on the same shapes
+    w = _tensor(data.draw, (d,), dtype).abs() + 0.5
+    x = q.reshape(-1, d)
+    h = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)
+    want = (h.to(dtype) * w).double()
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6).double(), want, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(ops.silu_mul(x, x).double(), F.silu(x.double()) * x.double(), rtol=3e-2, atol=3e-2)
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
 def test_optimized_models_are_thread_safe(dtype):
     """Several Python threads call the same optimized / int8 model at once: each result equals

@@ -17,6 +17,22 @@ from .nn.functional import scaled_dot_product_attention
 NAME = "ipex_lite"
 
 
+# Query rows up to which the decode kernel serves a call (see attention_forward).
+_DECODE_ROWS = 16
+
+
+def _decode_ok(module, query, key, value, mask) -> bool:
+    tensors = [t for t in (query, key, value, mask) if t is not None]
+    if module.training or any(t.device.type != "cpu" or t.layout != torch.strided for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if query.dtype not in (torch.float32, torch.bfloat16) or not query.dtype == key.dtype == value.dtype:
+        return False
+    return (query.dim() == key.dim() == value.dim() == 4 and key.shape[1] > 0 and query.shape[1] % key.shape[1] == 0
+            and (mask is None or mask.dtype in (torch.bool, torch.float32, torch.bfloat16)))
+
+
 def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                       is_causal: Optional[bool] = None, **kwargs):
@@ -25,13 +41,20 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # what sdpa does with those
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
                                                scaling=scaling, is_causal=is_causal, **kwargs)
+    if attention_mask is not None and attention_mask.shape[-1] > key.shape[2]:  # 4.x masks may run longer
+        attention_mask = attention_mask[..., :key.shape[2]]
+    q_len, kv_len = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(q_len > 1 and attention_mask is None and causal)
+    if q_len <= _DECODE_ROWS and (q_len == 1 or attention_mask is not None or kv_len == q_len) and _decode_ok(
+            module, query, key, value, attention_mask):
+        # decode: read the cache in place, grouped-query heads without copies
+        out = torch.ops.ipex_lite.decode_attention(query, key, value, attention_mask, causal, scaling)
+        return out.transpose(1, 2), None
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query heads: the kernel takes one K/V head per query head
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    q_len, kv_len = query.shape[2], key.shape[2]
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal = bool(q_len > 1 and attention_mask is None and causal)
     if causal and kv_len > q_len:  # prefill into an empty static cache: the tail is padding
         key, value = key[:, :, :q_len], value[:, :, :q_len]
     out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
@@ -42,13 +65,16 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 
 def _register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     AttentionInterface.register(NAME, attention_forward)
+    try:  # transformers 5.x builds masks per implementation; 4.x gives unknown ones its eager masks
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    except ImportError:
+        return
     AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
 def is_transformers_model(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("transformers.") and hasattr(model, "set_attn_implementation")
+    return type(model).__module__.startswith("transformers.") and hasattr(model, "config")
 
 
 def use_ipex_lite_attention(model: nn.Module) -> str:
@@ -58,7 +84,10 @@ def use_ipex_lite_attention(model: nn.Module) -> str:
         return f"kept {current!r} attention (only sdpa models are switched)"
     try:
         _register()
-        model.set_attn_implementation(NAME)
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(NAME)
+        else:  # transformers 4.x: the layers read the shared config
+            model.config._attn_implementation = NAME
     except Exception as e:  # noqa: BLE001 - an older transformers, or a model without the interface
         return f"kept {current!r} attention: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
     if getattr(model.config, "_attn_implementation", None) != NAME:

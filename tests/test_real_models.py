@@ -134,7 +134,8 @@ def test_hugging_face_models_reach_the_attention_kernel(name):
         bf16 = ipex_lite.optimize(model, dtype=torch.bfloat16)(ids).last_hidden_state
         assert _rel_err(bf16, model(ids).last_hidden_state) < 5e-2
     if switched:
-        assert any(e.key == "ipex_lite::scaled_dot_product_attention" for e in prof.key_averages())
+        assert any(e.key in ("ipex_lite::scaled_dot_product_attention", "ipex_lite::decode_attention")  # short: decode
+                   for e in prof.key_averages())
 
 
 def test_hugging_face_model_inside_a_user_module_is_switched_too():

@@ -219,6 +219,8 @@ def test_fuzz_encoder_layer(data):
                 fast(x, **kw)
             return
         got = fast(x, **kw)
-    finite = want.isfinite()  # fully masked rows are NaN in both
-    assert torch.equal(finite, got.isfinite())
+    # a fully masked row is NaN in stock's math path; ipex_lite's attention gives it zeros, as torch's
+    # SDPA does (a NaN there would spread to every row of the next layer through its keys)
+    finite = want.isfinite()
+    assert got[finite].isfinite().all()
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-4, atol=1e-4)

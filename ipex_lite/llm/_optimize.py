@@ -45,7 +45,7 @@ def _attend(module: nn.Module, q, k, v, attention_mask, scaling, sliding_window=
     """(B, H, Lq, D) queries over (B, Hkv, Lk, D) keys/values -> (B, Lq, H, D) output."""
     lq, lk = q.shape[2], k.shape[2]
     causal = attention_mask is None and lq > 1
-    if attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.shape[-1] != lk:
+    if attention_mask is not None and attention_mask.shape[-1] > lk:  # transformers 4.x masks may run longer
         attention_mask = attention_mask[..., :lk]
     if lq <= _DECODE_ROWS or (causal and lk != lq):
         out = LF.decode_attention(q, k, v, attention_mask, is_causal=causal, scale=scaling)

@@ -18,19 +18,6 @@ __all__ = ["KVCache", "StaticKVCache", "kv_cache_available"]
 _ROUND = 256  # positions: a buffer grown without a size hint is rounded up to this
 
 
-def _transformers_layer_api():
-    try:
-        from transformers.cache_utils import DynamicCache, DynamicLayer
-    except ImportError:  # transformers < 4.56 has no layer classes
-        return None
-    return DynamicCache, DynamicLayer
-
-
-def kv_cache_available() -> bool:
-    """True when the installed transformers has the cache-layer API that ``KVCache`` builds on."""
-    return _transformers_layer_api() is not None
-
-
 def _check_states(layer_name: str, buf: torch.Tensor, new: torch.Tensor, what: str) -> None:
     if new.dim() != 4:
         raise ValueError(f"{layer_name}: {what} must be (batch, kv_heads, positions, head_dim), got {tuple(new.shape)}")
@@ -69,82 +56,111 @@ class _Buffers:
             v[:, :, :n].copy_(filled_v)
         self.k, self.v = k, v
 
-
-def _make_layer_class():
-    api = _transformers_layer_api()
-    if api is None:
-        return None
-    _, DynamicLayer = api
-
-    class PreallocatedLayer(DynamicLayer):
-        """A ``DynamicLayer`` whose keys/values are views of buffers sized once for the generation."""
-
-        def __init__(self, capacity: int = 0):
-            super().__init__()
-            self._buffers = _Buffers(capacity)
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-            for what, t in (("key_states", key_states), ("value_states", value_states)):
-                if t.dim() != 4:
-                    raise ValueError(f"{type(self).__name__}: {what} must be (batch, kv_heads, positions, head_dim), "
-                                     f"got {tuple(t.shape)}")
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            bufs = self._buffers
-            filled = self.get_seq_length()
-            need = filled + key_states.shape[2]
-            if filled:  # a clear error before anything is written
-                _check_states(type(self).__name__, self.keys, key_states, "key_states")
-                _check_states(type(self).__name__, self.values, value_states, "value_states")
-                if not bufs.holds(self.keys, self.values):
-                    # crop / reorder / batch selection replaced the tensors: rebuild around them
-                    bufs.k = None
-                if bufs.k is None or need > bufs.k.shape[2]:
-                    bufs.reserve(self.keys, self.values, self.keys, self.values, need)
-            elif (bufs.k is None or need > bufs.k.shape[2] or bufs.k.dtype != key_states.dtype
-                  or bufs.k.shape[:2] != key_states.shape[:2] or bufs.k.shape[3] != key_states.shape[3]
-                  or bufs.v.shape[3] != value_states.shape[3]):
-                bufs.k = None
-                bufs.reserve(key_states, value_states, None, None, need)
-            end = filled + key_states.shape[2]
-            bufs.k[:, :, filled:end].copy_(key_states)
-            bufs.v[:, :, filled:end].copy_(value_states)
-            self.keys, self.values = bufs.k[:, :, :end], bufs.v[:, :, :end]
-            return self.keys, self.values
-
-    return PreallocatedLayer
-
-
-_PreallocatedLayer = _make_layer_class()
+    def append(self, name: str, keys: Optional[torch.Tensor], values: Optional[torch.Tensor],
+               key_states: torch.Tensor, value_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) -- the layer's filled positions, or None -- with the new states after them, as views
+        of the buffers.  Raises before writing anything when the states do not fit the layer."""
+        for what, t in (("key_states", key_states), ("value_states", value_states)):
+            if t.dim() != 4:
+                raise ValueError(f"{name}: {what} must be (batch, kv_heads, positions, head_dim), got {tuple(t.shape)}")
+        filled = 0 if keys is None else keys.shape[2]
+        need = filled + key_states.shape[2]
+        if filled:
+            _check_states(name, keys, key_states, "key_states")
+            _check_states(name, values, value_states, "value_states")
+            if not self.holds(keys, values):  # crop / reorder / batch selection replaced the tensors
+                self.k = None
+            if self.k is None or need > self.k.shape[2]:
+                self.reserve(keys, values, keys, values, need)
+        elif (self.k is None or need > self.k.shape[2] or self.k.dtype != key_states.dtype
+              or self.k.shape[:2] != key_states.shape[:2] or self.k.shape[3] != key_states.shape[3]
+              or self.v.shape[3] != value_states.shape[3]):
+            self.k = None
+            self.reserve(key_states, value_states, None, None, need)
+        self.k[:, :, filled:need].copy_(key_states)
+        self.v[:, :, filled:need].copy_(value_states)
+        return self.k[:, :, :need], self.v[:, :, :need]
 
 
 def _make_cache_class():
-    api = _transformers_layer_api()
-    if api is None:
+    try:
+        from transformers.cache_utils import DynamicCache
+    except ImportError:
         return None
-    DynamicCache, DynamicLayer = api
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # transformers < 4.56: key_cache / value_cache lists
+        DynamicLayer = None
 
-    class KVCache(DynamicCache):
-        """``DynamicCache`` with preallocated full-attention layers (see the module docstring).
+    if DynamicLayer is not None:
+        class PreallocatedLayer(DynamicLayer):
+            """A ``DynamicLayer`` whose keys/values are views of buffers sized once for the generation."""
 
-        Args:
-            config: the model config (layer types, as ``DynamicCache`` reads them); optional.
-            max_length: positions to reserve per layer at the first update (prompt + new tokens); more
-                are added by doubling if a generation runs past it.
-        """
+            def __init__(self, capacity: int = 0):
+                super().__init__()
+                self._buffers = _Buffers(capacity)
+
+            def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+                if not self.is_initialized and key_states.dim() == 4:
+                    self.lazy_initialization(key_states, value_states)
+                filled = self.get_seq_length() if self.is_initialized else 0
+                self.keys, self.values = self._buffers.append(
+                    type(self).__name__, self.keys if filled else None, self.values if filled else None,
+                    key_states, value_states)
+                return self.keys, self.values
+
+        class KVCache(DynamicCache):
+            """``DynamicCache`` with preallocated full-attention layers (see the module docstring).
+
+            Args:
+                config: the model config (layer types, as ``DynamicCache`` reads them); optional.
+                max_length: positions to reserve per layer at the first update (prompt + new tokens); more
+                    are added by doubling if a generation runs past it.
+            """
+
+            def __init__(self, config=None, max_length: int = 0):
+                super().__init__(config=config)
+                if not self.layers:  # no config: layers are created on first use
+                    self.layer_class_to_replicate = PreallocatedLayer
+                self.layers = [PreallocatedLayer(max_length) if type(layer) is DynamicLayer else layer
+                               for layer in self.layers]
+
+        return KVCache
+
+    class KVCache(DynamicCache):  # noqa: F811 - the transformers 4.x form
+        """``DynamicCache`` (transformers 4.x) whose per-layer tensors are views of preallocated buffers."""
 
         def __init__(self, config=None, max_length: int = 0):
-            super().__init__(config=config)
-            if not self.layers:  # no config: layers are created on first use
-                self.layer_class_to_replicate = _PreallocatedLayer
-            self.layers = [_PreallocatedLayer(max_length) if type(layer) is DynamicLayer else layer
-                           for layer in self.layers]
+            super().__init__()
+            self._buffers = []
+            self._capacity = max_length
+
+        def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+            while len(self._buffers) <= layer_idx:
+                self._buffers.append(_Buffers(self._capacity))
+            filled = (layer_idx < len(self.key_cache) and isinstance(self.key_cache[layer_idx], torch.Tensor)
+                      and self.key_cache[layer_idx].numel() > 0)
+            keys, values = self._buffers[layer_idx].append(
+                f"KVCache layer {layer_idx}", self.key_cache[layer_idx] if filled else None,
+                self.value_cache[layer_idx] if filled else None, key_states, value_states)
+            if layer_idx == 0:
+                self._seen_tokens += key_states.shape[-2]
+            while len(self.key_cache) <= layer_idx:
+                self.key_cache.append(torch.tensor([]))
+                self.value_cache.append(torch.tensor([]))
+            self.key_cache[layer_idx], self.value_cache[layer_idx] = keys, values
+            return keys, values
 
     return KVCache
 
 
 KVCache = _make_cache_class()
+
+
+def kv_cache_available() -> bool:
+    """True when the installed transformers has a ``DynamicCache`` for ``KVCache`` to build on."""
+    return KVCache is not None
 
 
 class StaticKVCache:

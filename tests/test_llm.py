@@ -522,3 +522,13 @@ def test_hand_built_decoder_matches_hf_llama(dtype):
         if dtype == torch.float32:  # greedy tokens equal transformers'
             want_tokens = hf.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
             assert torch.equal(dec.generate_greedy(ids, 10), want_tokens)
+
+
+def test_optimized_model_compiles():
+    # every llm op has a fake kernel: torch.compile of the optimized model traces them as custom ops
+    opt = ipex_lite.llm.optimize(_tiny("llama"), dtype=torch.bfloat16)
+    ids = _ids(length=12)
+    with torch.no_grad():
+        want = opt(ids).logits
+        got = torch.compile(opt)(ids).logits
+    assert rel(got, want) < 1e-2

@@ -510,3 +510,28 @@ def _decode_attention_fake(query, key, value, attn_mask=None, is_causal=False, s
                  lambda: f"{op}: key {tuple(key.shape)} does not fit query {tuple(query.shape)}")
     torch._check(value.shape[:3] == key.shape[:3], lambda: f"{op}: value {tuple(value.shape)} does not fit key")
     return query.new_empty((b, lq, h, value.shape[3])).permute(0, 2, 1, 3)
+
+
+# ---------------------------------------------------------------- weight-only quantized Linear
+
+def _woq_rows(qweight, bits, in_features, group_size):
+    kp = (in_features + 31) // 32 * 32
+    group = kp if group_size <= 0 else group_size
+    torch._check(bits in (4, 8), lambda: f"woq: bits must be 4 or 8, got {bits}")
+    torch._check(group % 32 == 0 and kp % group == 0, lambda: f"woq: bad group_size {group_size}")
+    torch._check(qweight.dim() == 2 and qweight.shape[1] == (kp if bits == 8 else kp // 2),
+                 lambda: f"woq: qweight of shape {tuple(qweight.shape)} does not hold {in_features} inputs")
+    return qweight.shape[0]
+
+
+@torch.library.register_fake("ipex_lite::woq_linear")
+def _woq_linear_fake(input, qweight, scales, zeros, bias, bits, in_features, group_size):
+    n = _woq_rows(qweight, bits, in_features, group_size)
+    torch._check(input.shape[-1] == in_features, lambda: f"woq_linear: input has {input.shape[-1]} features")
+    return input.new_empty((*input.shape[:-1], n))
+
+
+@torch.library.register_fake("ipex_lite::woq_dequantize")
+def _woq_dequantize_fake(qweight, scales, zeros, bits, in_features, group_size):
+    n = _woq_rows(qweight, bits, in_features, group_size)
+    return qweight.new_empty((n, in_features), dtype=torch.bfloat16)

@@ -30,6 +30,8 @@ from .. import _hf_attention
 from .._inference import Report
 from ..nn.attention import adopt
 from ..nn.functional import scaled_dot_product_attention
+from ..quantization._woq import WoqConfig, WoqLinear, fuse_woq, quantize_weight_only, woq_layers_from_checkpoint
+from ..quantization._woq import _plan as _woq_plan
 from . import functional as LF
 from .cache import KVCache
 from .modules import LinearFast, _fuse_rows
@@ -151,6 +153,29 @@ def _linear(m) -> bool:
     return type(m) in (nn.Linear, _FastLinear) or (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward)
 
 
+def _proj(m) -> bool:
+    """A projection the fused blocks can take: a plain Linear or a weight-only quantized one."""
+    return _linear(m) or isinstance(m, WoqLinear)
+
+
+def _fuse(parts):
+    """One layer over the stacked rows of ``parts`` (their tensors become views of it)."""
+    if all(isinstance(p, WoqLinear) for p in parts):
+        return fuse_woq(*parts)
+    if all(_linear(p) for p in parts):
+        return _fuse_rows(*parts)
+    raise ValueError("a mix of quantized and float projections")
+
+
+def _fast(layer: nn.Module) -> nn.Module:
+    """The layer a fused block calls for a single projection."""
+    return adopt(_FastLinear, layer) if _linear(layer) else layer
+
+
+def _snapshot(layers):
+    return [(dict(lay._parameters), dict(lay._buffers)) for lay in layers]
+
+
 def _is_rms_norm(m: nn.Module) -> bool:
     w = getattr(m, "weight", None)
     eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
@@ -169,7 +194,7 @@ def _attention_parts(m: nn.Module):
     """(linears for q/k/v in order, (hq, hk, d)) when m looks like rotary self-attention, else (None, why)."""
     if "position_embeddings" not in inspect.signature(type(m).forward).parameters:
         return None, "no rotary position_embeddings argument"
-    if not _linear(getattr(m, "o_proj", None)) or not hasattr(m, "layer_idx"):
+    if not _proj(getattr(m, "o_proj", None)) or not hasattr(m, "layer_idx"):
         return None, "no o_proj / layer_idx"
     cfg = getattr(m, "config", None)
     d = getattr(m, "head_dim", None)
@@ -179,12 +204,12 @@ def _attention_parts(m: nn.Module):
         return None, "head counts not found in the module's config"
     if getattr(m, "scaling", None) is None:
         return None, "no scaling attribute"
-    if all(_linear(getattr(m, n, None)) for n in ("q_proj", "k_proj", "v_proj")):
+    if all(_proj(getattr(m, n, None)) for n in ("q_proj", "k_proj", "v_proj")):
         parts = (m.q_proj, m.k_proj, m.v_proj)
         if (parts[0].out_features, parts[1].out_features, parts[2].out_features) != (hq * d, hk * d, hk * d):
             return None, "q/k/v sizes do not match the head counts"
         return parts, (hq, hk, d)
-    if _linear(getattr(m, "qkv_proj", None)):
+    if _proj(getattr(m, "qkv_proj", None)):
         if m.qkv_proj.out_features != (hq + 2 * hk) * d:
             return None, "qkv_proj size does not match the head counts"
         return (m.qkv_proj,), (hq, hk, d)
@@ -193,7 +218,7 @@ def _attention_parts(m: nn.Module):
 
 def _mlp_parts(m: nn.Module):
     act = getattr(m, "act_fn", getattr(m, "activation_fn", None))
-    if act is None or not _linear(getattr(m, "down_proj", None)):
+    if act is None or not _proj(getattr(m, "down_proj", None)):
         return None
     probe = torch.linspace(-6, 6, 97)
     try:
@@ -202,9 +227,9 @@ def _mlp_parts(m: nn.Module):
                 return None
     except Exception:  # noqa: BLE001
         return None
-    if _linear(getattr(m, "gate_proj", None)) and _linear(getattr(m, "up_proj", None)):
+    if _proj(getattr(m, "gate_proj", None)) and _proj(getattr(m, "up_proj", None)):
         return (m.gate_proj, m.up_proj)
-    if _linear(getattr(m, "gate_up_proj", None)):
+    if _proj(getattr(m, "gate_up_proj", None)):
         return (m.gate_up_proj,)
     return None
 
@@ -229,9 +254,13 @@ def _optimize_attention(path, m, parts, heads, rotary, dtype, report) -> bool:
     original_forward = m.forward
 
     new = adopt(_subclass(_FastAttentionMixin, type(m)), m)
-    new.o_proj = adopt(_FastLinear, m.o_proj)
-    saved = [(p.weight, p.bias) for p in parts]
-    qkv = _fuse_rows(*parts) if len(parts) == 3 else adopt(_FastLinear, parts[0])
+    new.o_proj = _fast(m.o_proj)
+    saved = _snapshot(parts)
+    try:
+        qkv = _fuse(parts) if len(parts) == 3 else _fast(parts[0])
+    except ValueError as e:
+        report.add(path, "kept", f"q/k/v not fused: {e}")
+        return False
     # plain attributes, not children: the Parameters stay where the checkpoint has them
     object.__setattr__(new, "_ipex_qkv", qkv)
     object.__setattr__(new, "_ipex_heads", heads)
@@ -247,10 +276,11 @@ def _optimize_attention(path, m, parts, heads, rotary, dtype, report) -> bool:
     return new
 
 
-def _restore(linears, saved) -> None:
-    """Undo _fuse_rows: the layers get their own weights back."""
-    for lin, (w, b) in zip(linears, saved):
-        lin.weight, lin.bias = w, b
+def _restore(layers, saved) -> None:
+    """Undo _fuse: the layers get their own tensors back."""
+    for lay, (params, buffers) in zip(layers, saved):
+        lay._parameters.update(params)
+        lay._buffers.update(buffers)
 
 
 def _set(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -307,8 +337,11 @@ def optimize(model: nn.Module, optimizer=None, dtype: torch.dtype = torch.float3
         inplace: change ``model`` itself instead of a deep copy.
         deployment_mode: accepted for IPEX compatibility; ipex_lite's deployment form is the eager model
             (it also runs under ``torch.compile``), so there is no TorchScript trace to make.
-        quantization_config / low_precision_checkpoint: weight-only quantization (not in this release: a
-            ``NotImplementedError`` says so instead of silently running bf16).
+        quantization_config: ``ipex_lite.quantization.get_weight_only_quant_qconfig_mapping(...)``: int8 / int4
+            weight-only quantization of every Linear but the excluded ones (``lm_head`` by default).
+        low_precision_checkpoint: a state_dict of quantized layers -- ipex_lite's ``WoqLinear`` keys
+            (``qweight``, ``scales``, ``qzeros``) or the GPTQ layout (``qweight``/``qzeros`` int32, ``scales``,
+            ``g_idx``) -- loaded in place of the model's float weights (a fresh model from a config will do).
         optimizer, qconfig_summary_file, sample_inputs, cache_weight_for_large_batch: IPEX options with no
             effect here (training is ``ipex_lite.optimize(model, optimizer)``; no calibration is needed).
 
@@ -322,14 +355,25 @@ def optimize(model: nn.Module, optimizer=None, dtype: torch.dtype = torch.float3
         raise ValueError(f"ipex_lite.llm.optimize: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
     if optimizer is not None:
         raise ValueError("ipex_lite.llm.optimize is for inference; train with ipex_lite.optimize(model, optimizer)")
-    if quantization_config is not None or low_precision_checkpoint is not None:
-        raise NotImplementedError("ipex_lite.llm.optimize: weight-only quantization (quantization_config / "
-                                  "low_precision_checkpoint) is not implemented in this release")
+    if quantization_config is not None and not isinstance(quantization_config, WoqConfig):
+        raise TypeError("ipex_lite.llm.optimize: quantization_config must come from "
+                        "ipex_lite.quantization.get_weight_only_quant_qconfig_mapping(...), got "
+                        f"{type(quantization_config).__name__}")
+    if low_precision_checkpoint is not None and not isinstance(low_precision_checkpoint, dict):
+        raise TypeError("ipex_lite.llm.optimize: low_precision_checkpoint must be a state_dict (dict of tensors)")
+    woq = quantization_config if quantization_config is not None else (
+        WoqConfig() if low_precision_checkpoint is not None else None)
+    if woq is not None and low_precision_checkpoint is None:
+        _woq_plan(model, woq)  # a group size that does not fit a layer raises here, before any change
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
     model.to(dtype)
     report = Report()
+    if low_precision_checkpoint is not None:
+        woq_layers_from_checkpoint(model, low_precision_checkpoint, woq, report)
+    elif woq is not None:
+        quantize_weight_only(model, woq, report)
     rotary = _find_rotary(model)
     handled = set()  # Linear layers consumed by a fused block
 
@@ -348,9 +392,14 @@ def optimize(model: nn.Module, optimizer=None, dtype: torch.dtype = torch.float3
         mlp = _mlp_parts(m) if hasattr(m, "down_proj") else None
         if mlp is not None:
             new = adopt(_subclass(_FastGatedMLPMixin, type(m)), m)
-            new.down_proj = adopt(_FastLinear, m.down_proj)
-            saved = [(p.weight, p.bias) for p in mlp]
-            object.__setattr__(new, "_ipex_gate_up", _fuse_rows(*mlp) if len(mlp) == 2 else adopt(_FastLinear, mlp[0]))
+            new.down_proj = _fast(m.down_proj)
+            saved = _snapshot(mlp)
+            try:
+                gate_up = _fuse(mlp) if len(mlp) == 2 else _fast(mlp[0])
+            except ValueError as e:
+                report.add(path, "kept", f"gated MLP not fused: {e}")
+                continue
+            object.__setattr__(new, "_ipex_gate_up", gate_up)
             x = torch.randn(2, 3, mlp[0].in_features, dtype=dtype)
             why = _probe(m.forward, new.forward, (x,), dtype)
             if why is None:

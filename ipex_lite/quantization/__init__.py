@@ -17,9 +17,15 @@ Linear activations per call instead (no calibration), and
 recipe for LLM-style decoders.  ``ipex_lite.explain``
 on the converted model lists the int8 layers, the uint8 chains between them
 and the operations that stayed fp32.
+
+Weight-only quantization (int8 / int4 weights, activations in bf16/fp32, for LLM decoding and any model
+with Linear layers): ``get_weight_only_quant_qconfig_mapping(weight_dtype=WoqWeightDtype.INT4,
+group_size=128)`` passed to ``prepare``/``convert`` or to ``ipex_lite.llm.optimize(quantization_config=)``.
 """
 from ._modules import QuantizedConv, QuantizedLinear, quantize_weight
 from ._observers import HistogramObserver, MinMaxObserver
+from ._woq import (WoqActQuantMode, WoqConfig, WoqLinear, WoqLowpMode, WoqWeightDtype,
+                   get_weight_only_quant_qconfig_mapping)
 from ._quantize import (PreparedModel, QConfig, QConfigMapping, convert, default_dynamic_qconfig_mapping,
                         default_static_qconfig_mapping, minmax_static_qconfig_mapping, per_token_dynamic_qconfig_mapping,
                         prepare)
@@ -27,4 +33,6 @@ from ._quantize import (PreparedModel, QConfig, QConfigMapping, convert, default
 __all__ = ["prepare", "convert", "QConfig", "QConfigMapping", "PreparedModel", "default_static_qconfig_mapping",
            "minmax_static_qconfig_mapping", "default_dynamic_qconfig_mapping",
            "per_token_dynamic_qconfig_mapping", "HistogramObserver",
-           "MinMaxObserver", "QuantizedConv", "QuantizedLinear", "quantize_weight"]
+           "MinMaxObserver", "QuantizedConv", "QuantizedLinear", "quantize_weight",
+           "get_weight_only_quant_qconfig_mapping", "WoqWeightDtype", "WoqLowpMode", "WoqActQuantMode", "WoqConfig",
+           "WoqLinear"]

@@ -20,6 +20,8 @@ from .._inference import (FoldedBatchNorm, Knobs, Report, _packed_layers, _repla
 from ..nn.prepacked import PackedConv, PackedLinear, _Packed
 from ._modules import QuantizedConv, QuantizedLinear, _QuantizedLayer
 from ._observers import FixedRange, HistogramObserver, MinMaxObserver
+from ._woq import WoqConfig, WoqPreparedModel, quantize_weight_only
+from ._woq import _plan as _woq_plan
 
 
 @dataclass
@@ -166,6 +168,9 @@ def prepare(model: nn.Module, qconfig_mapping: QConfigMapping = default_static_q
     """The model, folded and fused in fp32, with observers on every Conv/Linear it will quantize."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare: model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(qconfig_mapping, WoqConfig):  # weight-only: no observers, no calibration
+        _woq_plan(model, qconfig_mapping)
+        return WoqPreparedModel(model if inplace else copy.deepcopy(model), qconfig_mapping)
     if not isinstance(qconfig_mapping, QConfigMapping):
         raise TypeError("prepare: qconfig_mapping must be an ipex_lite.quantization.QConfigMapping")
     model = model if inplace else copy.deepcopy(model)
@@ -184,6 +189,12 @@ def prepare(model: nn.Module, qconfig_mapping: QConfigMapping = default_static_q
 
 def convert(prepared: PreparedModel, inplace: bool = False) -> nn.Module:
     """The int8 model: observed layers become QuantizedConv / QuantizedLinear."""
+    if isinstance(prepared, WoqPreparedModel):
+        model = prepared.model if inplace else copy.deepcopy(prepared.model)
+        report = Report()
+        quantize_weight_only(model, prepared.config, report)
+        model.__dict__["_ipex_lite_report"] = report
+        return model
     if not isinstance(prepared, PreparedModel):
         raise TypeError("convert: expected the model returned by ipex_lite.quantization.prepare")
     for h in prepared._hooks:

@@ -1,0 +1,46 @@
+// Weight-only quantized Linear: int8 or packed int4 weights with group-wise scales (and int4 zero points),
+// dequantized in registers next to the FMA.  Torch-free interface between csrc/ops/woq.cpp and the per-ISA
+// kernels.
+//
+// Layout (made by the op quantize_woq, read here):
+//   int8: (n, kp) int8, w = q * scale[n, g]
+//   int4: (n, kp / 2) uint8; in each block of 32 inputs, byte j holds input j (low nibble) and input j + 16
+//         (high nibble), so one 16-byte load widens into two 16-lane vectors of consecutive inputs;
+//         w = (q - zero[n, g]) * scale[n, g]
+// kp is the input size rounded up to 32 (padding weights are 0, padding inputs too); groups are `group`
+// inputs (a multiple of 32 dividing kp) and there are kp / group of them per row.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/kernel_common.h"
+
+namespace ipex_lite {
+namespace kernels {
+
+enum WoqBits : int { kWoqInt8 = 0, kWoqInt4 = 1 };
+
+struct WoqArgs {
+  const float* x;     // (m, kp), zero-padded
+  const float* xsum;  // (m, kp / group): sum of x over each group (for the zero points), or null
+  int64_t m, kp, group;
+  const uint8_t* w;  // the layout above; row stride ldw bytes
+  int64_t ldw;
+  const float* scales;  // (n, kp / group)
+  const float* zeros;   // (n, kp / group) or null (symmetric)
+  const float* bias;    // (n) or null
+  void* y;              // (m, n) fp32 or bf16, row stride ldy
+  int64_t ldy;
+  bool y_bf16;
+};
+using WoqGemvFn = void (*)(const WoqArgs&, int64_t n_begin, int64_t n_end);
+// rows [n_begin, n_end) of the weight as bf16 (n, k): the prefill path hands them to a GEMM
+using WoqDequantFn = void (*)(const WoqArgs&, int64_t k, uint16_t* out, int64_t n_begin, int64_t n_end);
+
+struct WoqKernels {
+  WoqGemvFn gemv[2];        // kWoqInt8, kWoqInt4
+  WoqDequantFn dequant[2];  // kWoqInt8, kWoqInt4
+};
+
+}  // namespace kernels
+}  // namespace ipex_lite

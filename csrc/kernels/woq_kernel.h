@@ -22,7 +22,12 @@ enum WoqBits : int { kWoqInt8 = 0, kWoqInt4 = 1 };
 
 struct WoqArgs {
   const float* x;     // (m, kp), zero-padded
-  const float* xsum;  // (m, kp / group): sum of x over each group (for the zero points), or null
+  const float* xsum;  // (m, kp / group): sum of x over each group (zero points; the bf16 path), or null
+  // The same activations in bf16 when the input was bf16 (exact), else null.  x_bf16 is in input order;
+  // x_bf16_int4 in the lane order of a 64-input int4 block widened to 16-bit lanes: per 64 inputs
+  // [0, 16) [32, 48) (low nibbles) then [16, 32) [48, 64) (high nibbles).
+  const uint16_t* x_bf16;
+  const uint16_t* x_bf16_int4;
   int64_t m, kp, group;
   const uint8_t* w;  // the layout above; row stride ldw bytes
   int64_t ldw;

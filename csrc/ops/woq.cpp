@@ -117,11 +117,28 @@ at::Tensor woq_linear(const at::Tensor& input, const at::Tensor& qweight, const 
   const at::Tensor qw = qweight.stride(1) == 1 ? qweight : qweight.contiguous();
   const at::Tensor sc = scales.contiguous();
   const at::Tensor zp = zeros.has_value() && zeros->defined() ? zeros->contiguous() : at::Tensor();
-  const at::Tensor xsum = zp.defined() ? x.view({m, p.groups, p.group}).sum(-1).contiguous() : at::Tensor();
+  // bf16 activations (exact in bf16) take the vdpbf16ps path where the CPU has it; it needs the per-group
+  // sums of x for int8 too
+  const bool bf16_path = input.scalar_type() == at::kBFloat16 &&
+                         dispatch::active_isa_level() >= dispatch::IsaLevel::kAvx512Bf16;
+  const at::Tensor xsum = zp.defined() || bf16_path ? x.view({m, p.groups, p.group}).sum(-1).contiguous()
+                                                    : at::Tensor();
+  at::Tensor xb, xb4;
+  if (bf16_path) {
+    xb = x.to(at::kBFloat16).contiguous();
+    if (bits == 4) {
+      const int64_t k64 = p.kp / 64 * 64;
+      xb4 = xb.clone();
+      xb4.narrow(1, 0, k64).copy_(
+          xb.narrow(1, 0, k64).view({m, k64 / 64, 2, 2, 16}).permute({0, 1, 3, 2, 4}).reshape({m, k64}));
+    }
+  }
   const at::Tensor bf = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   kernels::WoqArgs a = make_args(p, qw, sc, zp);
   a.x = x.data_ptr<float>();
   a.xsum = xsum.defined() ? xsum.data_ptr<float>() : nullptr;
+  a.x_bf16 = xb.defined() ? reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()) : nullptr;
+  a.x_bf16_int4 = xb4.defined() ? reinterpret_cast<const uint16_t*>(xb4.data_ptr<at::BFloat16>()) : nullptr;
   a.m = m;
   a.bias = has_bias ? bf.data_ptr<float>() : nullptr;
   a.y = out.data_ptr();

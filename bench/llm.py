@@ -59,10 +59,17 @@ class Bandwidth:
 
 def weight_bytes(model) -> int:
     """Bytes of every Linear weight (what one decode step reads; the embedding reads one row)."""
+    from ipex_lite.quantization import WoqLinear
     seen = {}
     for m in model.modules():
-        if isinstance(m, torch.nn.Linear):  # fused projections are views: count each byte once
-            storage = m.weight.untyped_storage()
+        if isinstance(m, torch.nn.Linear):
+            tensors = [m.weight]
+        elif isinstance(m, WoqLinear):  # packed weights, scales and zero points
+            tensors = [t for t in (m.qweight, m.scales, m.qzeros) if t is not None]
+        else:
+            continue
+        for t in tensors:  # fused projections are views: count each byte once
+            storage = t.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
 
@@ -120,6 +127,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fp32-max-tokens", type=int, default=128,
                         help="stock fp32 runs only cases with batch * prompt up to this (its prefill is slow)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile of stock bf16 (slow to compile)")
+    parser.add_argument("--no-woq", dest="woq", action="store_false",
+                        help="skip the weight-only quantized rows (int8, int4 group 128; lm_head stays bf16)")
     parser.set_defaults(repeat=3, warmup=1)
     args = parser.parse_args(argv)
     setup_from_args(args)
@@ -136,6 +145,12 @@ def main(argv=None) -> int:
         systems["torch.compile bf16"] = compiled
     systems["ipex_lite bf16"] = ipex_lite.llm.optimize(copy.deepcopy(fp32), dtype=torch.bfloat16, inplace=True)
     systems["ipex_lite modules (hand-built) bf16"] = _hand_built_class()(bf16)
+    if args.woq:
+        from ipex_lite.quantization import WoqWeightDtype, get_weight_only_quant_qconfig_mapping
+        for label, wd, group in (("int8", WoqWeightDtype.INT8, -1), ("int4 g128", WoqWeightDtype.INT4, 128)):
+            qc = get_weight_only_quant_qconfig_mapping(weight_dtype=wd, group_size=group)
+            systems[f"ipex_lite WOQ {label}"] = ipex_lite.llm.optimize(copy.deepcopy(bf16), dtype=torch.bfloat16,
+                                                                       inplace=True, quantization_config=qc)
     ipex = import_ipex()
     if ipex is not None:
         systems["IPEX bf16"] = ipex.llm.optimize(copy.deepcopy(fp32).to(torch.bfloat16), dtype=torch.bfloat16,
@@ -175,7 +190,7 @@ def main(argv=None) -> int:
         prefill, decode, extra = {}, {}, {}
         for name, (ps, ds) in samples.items():
             model = active[name]
-            elt = 4 if name == "stock fp32" else 2
+            elt = 4 if name == "stock fp32" else 2  # KV cache element size
             kv_bytes = 2 * args.layers * batch * args.kv_heads * kv_len * d * elt
             limit_ms = (weight_bytes(model) + kv_bytes) / (gbs * 1e9) * 1e3
             prefill[name] = {"median_ms": statistics.median(ps), "min_ms": min(ps)}

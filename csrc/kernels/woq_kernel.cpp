@@ -265,10 +265,39 @@ void dequant(const WoqArgs& a, int64_t k, uint16_t* out, int64_t n_begin, int64_
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* row = a.w + n * a.ldw;
     uint16_t* o = out + n * k;
-    for (int64_t c = 0; c < k; ++c) {
+    const float* sc = a.scales + n * groups;
+    const float* zp = a.zeros != nullptr ? a.zeros + n * groups : nullptr;
+    int64_t c = 0;
+#if defined(__AVX512F__)
+    // whole 32-input blocks inside [0, k): groups are multiples of 32, so a block has one scale
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512 s = _mm512_set1_ps(sc[g]);
+      const __m512 zs = _mm512_set1_ps(zp != nullptr ? zp[g] * sc[g] : 0.f);
+      const int64_t end = min64((g + 1) * a.group, k / 32 * 32);
+      for (c = g * a.group; c < end; c += 32) {
+        __m512 w0, w1;
+        if constexpr (BITS == kWoqInt8) {
+          w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c))));
+          w1 = _mm512_cvtepi32_ps(
+              _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c + 16))));
+        } else {
+          const __m512i raw = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2)));
+          w0 = _mm512_cvtepi32_ps(_mm512_and_si512(raw, _mm512_set1_epi32(15)));
+          w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(raw, 4));
+        }
+        // (q - z) s as q s - z s: the same rounding as the scalar tail below would differ in the last bit
+        // only through the FMA, and both round to bf16 afterwards
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c), f32x16_to_bf16(_mm512_fmsub_ps(w0, s, zs)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c + 16), f32x16_to_bf16(_mm512_fmsub_ps(w1, s, zs)));
+      }
+      if (end < (g + 1) * a.group) break;  // the rest of the row is the tail
+    }
+    c = k / 32 * 32;
+#endif
+    for (; c < k; ++c) {
       const int64_t g = c / a.group;
-      const float z = a.zeros != nullptr ? a.zeros[n * groups + g] : 0.f;
-      o[c] = f32_to_bf16((weight_at<BITS>(row, c) - z) * a.scales[n * groups + g]);
+      const float z = zp != nullptr ? zp[g] : 0.f;
+      o[c] = f32_to_bf16(weight_at<BITS>(row, c) * sc[g] - z * sc[g]);
     }
   }
 }

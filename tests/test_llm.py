@@ -455,8 +455,10 @@ def test_kv_cache_errors_before_writing():
 
 def test_optimize_bad_input_and_options():
     model = _tiny("llama")
-    with pytest.raises(NotImplementedError, match="weight-only quantization"):
+    with pytest.raises(TypeError, match="quantization_config must come from"):
         ipex_lite.llm.optimize(model, dtype=torch.bfloat16, quantization_config=object())
+    with pytest.raises(TypeError, match="low_precision_checkpoint must be a state_dict"):
+        ipex_lite.llm.optimize(model, dtype=torch.bfloat16, low_precision_checkpoint="ckpt.pt")
     with pytest.raises(ValueError, match="dtype must be"):
         ipex_lite.llm.optimize(model, dtype=torch.float16)
     with pytest.raises(ValueError, match="only device='cpu'"):

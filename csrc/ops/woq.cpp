@@ -71,6 +71,66 @@ kernels::WoqArgs make_args(const Packed& p, const at::Tensor& qw, const at::Tens
   return a;
 }
 
+// The activations in every form the kernels read, made in one pass into one buffer (per call: a decode
+// step runs ~100 of these, and a chain of ATen ops here cost more than the int4 GEMV saved): fp32 padded
+// to kp, per-group sums, and for the bf16 path the bf16 copy in input order and in int4 lane order.
+struct ActivationForms {
+  at::Tensor storage;
+  float* x = nullptr;
+  float* xsum = nullptr;
+  uint16_t* x_bf16 = nullptr;
+  uint16_t* x_bf16_int4 = nullptr;
+};
+
+template <typename T>
+void fill_forms(const T* src, int64_t m, const Packed& p, const ActivationForms& f) {
+  const int64_t k64 = p.kp / 64 * 64;
+  for (int64_t i = 0; i < m; ++i) {
+    float* x = f.x + i * p.kp;
+    float* xs = f.xsum + i * p.groups;
+    for (int64_t g = 0; g < p.groups; ++g) xs[g] = 0.f;
+    for (int64_t c = 0; c < p.kp; ++c) {
+      const float v = c < p.k ? static_cast<float>(src[i * p.k + c]) : 0.f;
+      x[c] = v;
+      xs[c / p.group] += v;
+    }
+    if (f.x_bf16 == nullptr) continue;
+    uint16_t* xb = f.x_bf16 + i * p.kp;
+    for (int64_t c = 0; c < p.kp; ++c) xb[c] = c10::BFloat16(x[c]).x;  // exact: the input was bf16
+    if (f.x_bf16_int4 == nullptr) continue;
+    uint16_t* x4 = f.x_bf16_int4 + i * p.kp;
+    for (int64_t c = 0; c < p.kp; ++c) {
+      const int64_t r = c & 63;  // [0,16) [32,48) [16,32) [48,64): low nibbles, then high nibbles
+      const int64_t d = c >= k64 ? r : (r < 16 || r >= 48 ? r : (r < 32 ? r + 16 : r - 16));
+      x4[(c & ~int64_t(63)) + d] = xb[c];
+    }
+  }
+}
+
+ActivationForms activation_forms(const at::Tensor& x2d, const Packed& p, bool bf16_path) {
+  const int64_t m = x2d.size(0);
+  // each form starts on a 64-byte line: the kernels load 64 bytes of x per step, and a load split across two
+  // lines made the 4-row int8 GEMV 35% slower
+  auto lines = [](int64_t bytes) { return (bytes + 63) / 64 * 64; };
+  const int64_t x_bytes = lines(4 * m * p.kp), sum_bytes = lines(4 * m * p.groups), half_bytes = lines(2 * m * p.kp);
+  ActivationForms f;
+  f.storage = at::empty({x_bytes + sum_bytes + (bf16_path ? 2 * half_bytes : 0) + 64}, x2d.options().dtype(at::kByte));
+  auto* base = f.storage.data_ptr<uint8_t>();
+  base += (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64;
+  f.x = reinterpret_cast<float*>(base);
+  f.xsum = reinterpret_cast<float*>(base + x_bytes);
+  if (bf16_path) {
+    f.x_bf16 = reinterpret_cast<uint16_t*>(base + x_bytes + sum_bytes);
+    if (p.bits == 4) f.x_bf16_int4 = reinterpret_cast<uint16_t*>(base + x_bytes + sum_bytes + half_bytes);
+  }
+  if (x2d.scalar_type() == at::kFloat) {
+    fill_forms(x2d.data_ptr<float>(), m, p, f);
+  } else {
+    fill_forms(x2d.data_ptr<at::BFloat16>(), m, p, f);
+  }
+  return f;
+}
+
 at::Tensor woq_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
                           int64_t bits, int64_t in_features, int64_t group_size) {
   const Packed p = check_packed("woq_dequantize", qweight, scales, zeros, bits, in_features, group_size);
@@ -111,34 +171,19 @@ at::Tensor woq_linear(const at::Tensor& input, const at::Tensor& qweight, const 
   }
   at::Tensor out = at::empty(out_shape, input.options());
   if (m == 0) return out;
-  at::Tensor x = input.reshape({m, p.k}).to(at::kFloat);
-  if (p.kp != p.k) x = at::constant_pad_nd(x, {0, p.kp - p.k});
-  x = x.contiguous();
   const at::Tensor qw = qweight.stride(1) == 1 ? qweight : qweight.contiguous();
   const at::Tensor sc = scales.contiguous();
   const at::Tensor zp = zeros.has_value() && zeros->defined() ? zeros->contiguous() : at::Tensor();
-  // bf16 activations (exact in bf16) take the vdpbf16ps path where the CPU has it; it needs the per-group
-  // sums of x for int8 too
+  // bf16 activations (exact in bf16) take the vdpbf16ps path where the CPU has it
   const bool bf16_path = input.scalar_type() == at::kBFloat16 &&
                          dispatch::active_isa_level() >= dispatch::IsaLevel::kAvx512Bf16;
-  const at::Tensor xsum = zp.defined() || bf16_path ? x.view({m, p.groups, p.group}).sum(-1).contiguous()
-                                                    : at::Tensor();
-  at::Tensor xb, xb4;
-  if (bf16_path) {
-    xb = x.to(at::kBFloat16).contiguous();
-    if (bits == 4) {
-      const int64_t k64 = p.kp / 64 * 64;
-      xb4 = xb.clone();
-      xb4.narrow(1, 0, k64).copy_(
-          xb.narrow(1, 0, k64).view({m, k64 / 64, 2, 2, 16}).permute({0, 1, 3, 2, 4}).reshape({m, k64}));
-    }
-  }
+  const ActivationForms xf = activation_forms(input.reshape({m, p.k}).contiguous(), p, bf16_path);
   const at::Tensor bf = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   kernels::WoqArgs a = make_args(p, qw, sc, zp);
-  a.x = x.data_ptr<float>();
-  a.xsum = xsum.defined() ? xsum.data_ptr<float>() : nullptr;
-  a.x_bf16 = xb.defined() ? reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()) : nullptr;
-  a.x_bf16_int4 = xb4.defined() ? reinterpret_cast<const uint16_t*>(xb4.data_ptr<at::BFloat16>()) : nullptr;
+  a.x = xf.x;
+  a.xsum = xf.xsum;
+  a.x_bf16 = xf.x_bf16;
+  a.x_bf16_int4 = xf.x_bf16_int4;
   a.m = m;
   a.bias = has_bias ? bf.data_ptr<float>() : nullptr;
   a.y = out.data_ptr();

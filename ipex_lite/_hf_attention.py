@@ -86,8 +86,10 @@ def use_ipex_lite_attention(model: nn.Module) -> str:
         _register()
         if hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(NAME)
-        else:  # transformers 4.x: the layers read the shared config
+        elif getattr(model, "_supports_attention_backend", False):  # transformers 4.x: layers read the config
             model.config._attn_implementation = NAME
+        else:  # a 4.x model that picked its attention classes at construction (BERT, ...)
+            return f"kept {current!r} attention: {type(model).__name__} does not use transformers' AttentionInterface"
     except Exception as e:  # noqa: BLE001 - an older transformers, or a model without the interface
         return f"kept {current!r} attention: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
     if getattr(model.config, "_attn_implementation", None) != NAME:

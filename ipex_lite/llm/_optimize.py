@@ -241,11 +241,12 @@ def _find_rotary(model: nn.Module):
     return None
 
 
-def _optimize_attention(path, m, parts, heads, rotary, dtype, report) -> bool:
+def _optimize_attention(path, m, parts, heads, rotary, dtype, report) -> Optional[nn.Module]:
+    """The fast subclass of attention module m, or None (kept; the report says why)."""
     hq, hk, d = heads
     if rotary is None:
         report.add(path, "kept", "no rotary-embedding module found to probe it with")
-        return False
+        return None
     b, s = 2, 5
     x = torch.randn(b, s, parts[0].in_features, dtype=dtype)
     pos = torch.arange(s).expand(b, s)
@@ -260,7 +261,7 @@ def _optimize_attention(path, m, parts, heads, rotary, dtype, report) -> bool:
         qkv = _fuse(parts) if len(parts) == 3 else _fast(parts[0])
     except ValueError as e:
         report.add(path, "kept", f"q/k/v not fused: {e}")
-        return False
+        return None
     # plain attributes, not children: the Parameters stay where the checkpoint has them
     object.__setattr__(new, "_ipex_qkv", qkv)
     object.__setattr__(new, "_ipex_heads", heads)
@@ -269,7 +270,7 @@ def _optimize_attention(path, m, parts, heads, rotary, dtype, report) -> bool:
     if why is not None:
         _restore(parts, saved)
         report.add(path, "kept", why)
-        return False
+        return None
     report.add(path, "replaced", f"rotary attention ({hq} query / {hk} kv heads, head_dim {d}): "
                                  f"{'q/k/v' if len(parts) == 3 else 'qkv'} in one GEMM, rotary in place, decode "
                                  "attention over the KV cache in place, prefill via ipex_lite's attention kernel")
@@ -383,7 +384,7 @@ def optimize(model: nn.Module, optimizer=None, dtype: torch.dtype = torch.float3
         parts, info = _attention_parts(m) if hasattr(m, "o_proj") else (None, None)
         if parts is not None:
             new = _optimize_attention(path, m, parts, info, rotary, dtype, report)
-            if new is not False:
+            if new is not None:
                 _set(model, path, new)
                 handled.update(f"{path}.{n}" for n in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj"))
             continue

@@ -88,6 +88,7 @@ demo: build
 	$(VPY) -m ipex_lite.doctor
 	$(VENV)/bin/ipex-lite-run --throughput-mode tutorials/quickstart.py
 	$(VENV)/bin/ipex-lite-run --throughput-mode bench/dlrm.py --quick --no-compile --no-train
+	$(VENV)/bin/ipex-lite-run --throughput-mode tutorials/llm.py
 
 # every bench/ script, then bench/report/REPORT.md + charts (`python -m bench --quick`: ~2 minutes)
 bench: build

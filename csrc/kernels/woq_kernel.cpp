@@ -222,8 +222,71 @@ inline void gemv_row_bf16(const WoqArgs& a, int64_t i0, int64_t n, float* res) {
 }
 #endif
 
+#if defined(__AVX512VNNI__)
+// lowp INT8: unsigned weight bytes against int8 activations with vpdpbusd, 64 products per instruction and
+// exact int32 sums.  int4: q in [0, 15] as is; int8: u = q + 128, and sum u x_q = sum q x_q + 128 sum x_q.
+// Groups are multiples of 128 (int4) / 64 (int8) inputs, so one load never straddles two groups.
+template <int BITS, int MB>
+void gemv_row_vnni(const WoqArgs& a, int64_t i0, int64_t n, float* res) {
+  const int64_t groups = a.kp / a.group;
+  constexpr int64_t kStep = BITS == kWoqInt4 ? 128 : 64;  // inputs per 64-byte load
+  const uint8_t* row = a.w + n * a.ldw;
+  const float* sc = a.scales + n * groups;
+  const float* zp = a.zeros != nullptr ? a.zeros + n * groups : nullptr;
+  __m512 tot[MB];
+  float zterm[MB] = {};
+  for (int i = 0; i < MB; ++i) tot[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i acc[MB], acc1[MB];
+    for (int i = 0; i < MB; ++i) acc[i] = acc1[i] = _mm512_setzero_si512();
+    for (int64_t k = g * a.group; k < (g + 1) * a.group; k += kStep) {
+      if constexpr (BITS == kWoqInt4) {
+        const __m512i v = _mm512_loadu_si512(row + k / 2);
+        const __m512i lo = _mm512_and_si512(v, _mm512_set1_epi8(15));
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15));
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; ++i) {
+          const int8_t* xq = a.x_q + (i0 + i) * a.kp + k;
+          acc[i] = _mm512_dpbusd_epi32(acc[i], lo, _mm512_loadu_si512(xq));
+          acc1[i] = _mm512_dpbusd_epi32(acc1[i], hi, _mm512_loadu_si512(xq + 64));
+        }
+      } else {
+        const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(row + k), _mm512_set1_epi8(static_cast<char>(0x80)));
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; ++i)
+          acc[i] = _mm512_dpbusd_epi32(acc[i], u, _mm512_loadu_si512(a.x_q + (i0 + i) * a.kp + k));
+      }
+    }
+    const __m512 s = _mm512_set1_ps(sc[g]);
+    const float off = BITS == kWoqInt4 ? (zp != nullptr ? zp[g] : 0.f) : 128.f;
+    for (int i = 0; i < MB; ++i) {
+      tot[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[i], acc1[i])), s, tot[i]);
+      zterm[i] += sc[g] * off * static_cast<float>(a.x_q_sum[(i0 + i) * groups + g]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) res[i] = (_mm512_reduce_add_ps(tot[i]) - zterm[i]) * a.x_scale[i0 + i];
+}
+#endif
+
 template <int BITS>
 void gemv(const WoqArgs& a, int64_t n_begin, int64_t n_end) {
+#if defined(__AVX512VNNI__)
+  if (a.x_q != nullptr) {
+    float res[4];
+    for (int64_t n = n_begin; n < n_end; ++n)
+      for (int64_t i0 = 0; i0 < a.m; i0 += 4) {
+        const int64_t mb = min64(4, a.m - i0);
+        switch (mb) {
+          case 4: gemv_row_vnni<BITS, 4>(a, i0, n, res); break;
+          case 3: gemv_row_vnni<BITS, 3>(a, i0, n, res); break;
+          case 2: gemv_row_vnni<BITS, 2>(a, i0, n, res); break;
+          default: gemv_row_vnni<BITS, 1>(a, i0, n, res); break;
+        }
+        for (int64_t i = 0; i < mb; ++i) store_out(a, i0 + i, n, res[i]);
+      }
+    return;
+  }
+#endif
 #if defined(__AVX512BF16__)
   if (a.x_bf16 != nullptr) {
     float res[4];
@@ -307,6 +370,11 @@ void dequant(const WoqArgs& a, int64_t k, uint16_t* out, int64_t n_begin, int64_
 const WoqKernels& woq_kernels() {
   static const WoqKernels table = {
       {&gemv<kWoqInt8>, &gemv<kWoqInt4>},
+#if defined(__AVX512VNNI__)
+      true,
+#else
+      false,
+#endif
       {&dequant<kWoqInt8>, &dequant<kWoqInt4>},
   };
   return table;

@@ -28,6 +28,12 @@ struct WoqArgs {
   // [0, 16) [32, 48) (low nibbles) then [16, 32) [48, 64) (high nibbles).
   const uint16_t* x_bf16;
   const uint16_t* x_bf16_int4;
+  // lowp INT8 (activations quantized per row, symmetric): x_q in the weights' byte-lane order (int4: per
+  // 128 inputs, the low nibbles' 64 lanes then the high nibbles'; int8: input order), x_scale per row and
+  // the per-group sums of x_q; null when the call computes with bf16/fp32 activations
+  const int8_t* x_q;
+  const float* x_scale;
+  const int32_t* x_q_sum;
   int64_t m, kp, group;
   const uint8_t* w;  // the layout above; row stride ldw bytes
   int64_t ldw;
@@ -44,6 +50,7 @@ using WoqDequantFn = void (*)(const WoqArgs&, int64_t k, uint16_t* out, int64_t 
 
 struct WoqKernels {
   WoqGemvFn gemv[2];        // kWoqInt8, kWoqInt4
+  bool has_vnni;            // gemv serves x_q (AVX512-VNNI); otherwise the op never passes it
   WoqDequantFn dequant[2];  // kWoqInt8, kWoqInt4
 };
 

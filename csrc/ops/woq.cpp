@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 
 #include "dispatch/isa.h"
@@ -80,7 +81,36 @@ struct ActivationForms {
   float* xsum = nullptr;
   uint16_t* x_bf16 = nullptr;
   uint16_t* x_bf16_int4 = nullptr;
+  int8_t* x_q = nullptr;
+  float* x_scale = nullptr;
+  int32_t* x_q_sum = nullptr;
 };
+
+// lowp INT8: each row of x symmetric int8 (scale max|x| / 127), in the weights' byte-lane order.
+void fill_int8(int64_t m, const Packed& p, const ActivationForms& f) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float* x = f.x + i * p.kp;
+    float amax = 0.f;
+    for (int64_t c = 0; c < p.kp; ++c) amax = std::max(amax, std::abs(x[c]));
+    const float scale = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / scale;
+    f.x_scale[i] = scale;
+    int8_t* q = f.x_q + i * p.kp;
+    int32_t* qs = f.x_q_sum + i * p.groups;
+    for (int64_t g = 0; g < p.groups; ++g) qs[g] = 0;
+    for (int64_t c = 0; c < p.kp; ++c) {
+      const int32_t v = static_cast<int32_t>(std::nearbyint(std::max(-127.f, std::min(127.f, x[c] * inv))));
+      qs[c / p.group] += v;
+      // int4: per 128 inputs, lane b < 64 takes input (b / 16) * 32 + b % 16 (low nibbles), lane 64 + b the
+      // input 16 further (high nibbles)
+      int64_t d = c;
+      if (p.bits == 4) {
+        const int64_t r = c & 127, blk = r / 32, j = r % 32;
+        d = (c & ~int64_t(127)) + (j < 16 ? blk * 16 + j : 64 + blk * 16 + (j - 16));
+      }
+      q[d] = static_cast<int8_t>(v);
+    }
+  }
+}
 
 template <typename T>
 void fill_forms(const T* src, int64_t m, const Packed& p, const ActivationForms& f) {
@@ -107,14 +137,16 @@ void fill_forms(const T* src, int64_t m, const Packed& p, const ActivationForms&
   }
 }
 
-ActivationForms activation_forms(const at::Tensor& x2d, const Packed& p, bool bf16_path) {
+ActivationForms activation_forms(const at::Tensor& x2d, const Packed& p, bool bf16_path, bool int8_path) {
   const int64_t m = x2d.size(0);
   // each form starts on a 64-byte line: the kernels load 64 bytes of x per step, and a load split across two
   // lines made the 4-row int8 GEMV 35% slower
   auto lines = [](int64_t bytes) { return (bytes + 63) / 64 * 64; };
   const int64_t x_bytes = lines(4 * m * p.kp), sum_bytes = lines(4 * m * p.groups), half_bytes = lines(2 * m * p.kp);
   ActivationForms f;
-  f.storage = at::empty({x_bytes + sum_bytes + (bf16_path ? 2 * half_bytes : 0) + 64}, x2d.options().dtype(at::kByte));
+  const int64_t q_bytes = int8_path ? lines(m * p.kp) + lines(4 * m) + lines(4 * m * p.groups) : 0;
+  f.storage = at::empty({x_bytes + sum_bytes + (bf16_path ? 2 * half_bytes : 0) + q_bytes + 64},
+                        x2d.options().dtype(at::kByte));
   auto* base = f.storage.data_ptr<uint8_t>();
   base += (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64;
   f.x = reinterpret_cast<float*>(base);
@@ -123,11 +155,18 @@ ActivationForms activation_forms(const at::Tensor& x2d, const Packed& p, bool bf
     f.x_bf16 = reinterpret_cast<uint16_t*>(base + x_bytes + sum_bytes);
     if (p.bits == 4) f.x_bf16_int4 = reinterpret_cast<uint16_t*>(base + x_bytes + sum_bytes + half_bytes);
   }
+  if (int8_path) {
+    uint8_t* q = base + x_bytes + sum_bytes + (bf16_path ? 2 * half_bytes : 0);
+    f.x_q = reinterpret_cast<int8_t*>(q);
+    f.x_scale = reinterpret_cast<float*>(q + lines(m * p.kp));
+    f.x_q_sum = reinterpret_cast<int32_t*>(q + lines(m * p.kp) + lines(4 * m));
+  }
   if (x2d.scalar_type() == at::kFloat) {
     fill_forms(x2d.data_ptr<float>(), m, p, f);
   } else {
     fill_forms(x2d.data_ptr<at::BFloat16>(), m, p, f);
   }
+  if (int8_path) fill_int8(m, p, f);
   return f;
 }
 
@@ -147,7 +186,7 @@ at::Tensor woq_dequantize(const at::Tensor& qweight, const at::Tensor& scales, c
 
 at::Tensor woq_linear(const at::Tensor& input, const at::Tensor& qweight, const at::Tensor& scales,
                       const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias, int64_t bits,
-                      int64_t in_features, int64_t group_size) {
+                      int64_t in_features, int64_t group_size, bool lowp_int8) {
   const char* op = "woq_linear";
   const Packed p = check_packed(op, qweight, scales, zeros, bits, in_features, group_size);
   TORCH_CHECK(input.device().is_cpu() && input.layout() == at::kStrided, op, ": input must be a dense CPU tensor");
@@ -177,19 +216,27 @@ at::Tensor woq_linear(const at::Tensor& input, const at::Tensor& qweight, const 
   // bf16 activations (exact in bf16) take the vdpbf16ps path where the CPU has it
   const bool bf16_path = input.scalar_type() == at::kBFloat16 &&
                          dispatch::active_isa_level() >= dispatch::IsaLevel::kAvx512Bf16;
-  const ActivationForms xf = activation_forms(input.reshape({m, p.k}).contiguous(), p, bf16_path);
+  // lowp INT8 runs where the kernels have VNNI and a load never straddles groups; elsewhere the activations
+  // stay in bf16/fp32 (the result only gets closer to the float one)
+  const auto& kt = IPEX_LITE_KERNEL_TABLE(woq_kernels);
+  const bool int8_path = lowp_int8 && kt.has_vnni && p.group % (bits == 4 ? 128 : 64) == 0;
+  const ActivationForms xf = activation_forms(input.reshape({m, p.k}).contiguous(), p, bf16_path && !int8_path,
+                                              int8_path);
   const at::Tensor bf = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   kernels::WoqArgs a = make_args(p, qw, sc, zp);
   a.x = xf.x;
   a.xsum = xf.xsum;
   a.x_bf16 = xf.x_bf16;
   a.x_bf16_int4 = xf.x_bf16_int4;
+  a.x_q = xf.x_q;
+  a.x_scale = xf.x_scale;
+  a.x_q_sum = xf.x_q_sum;
   a.m = m;
   a.bias = has_bias ? bf.data_ptr<float>() : nullptr;
   a.y = out.data_ptr();
   a.ldy = p.n;
   a.y_bf16 = out.scalar_type() == at::kBFloat16;
-  const auto fn = IPEX_LITE_KERNEL_TABLE(woq_kernels).gemv[bits == 8 ? kernels::kWoqInt8 : kernels::kWoqInt4];
+  const auto fn = kt.gemv[bits == 8 ? kernels::kWoqInt8 : kernels::kWoqInt4];
   at::parallel_for(0, p.n, 16, [&](int64_t b, int64_t e) { fn(a, b, e); });
   return out;
 }
@@ -200,7 +247,7 @@ at::Tensor woq_linear(const at::Tensor& input, const at::Tensor& qweight, const 
 TORCH_LIBRARY_FRAGMENT(ipex_lite, m) {
   m.def(
       "woq_linear(Tensor input, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int bits, "
-      "int in_features, int group_size) -> Tensor");
+      "int in_features, int group_size, bool lowp_int8=False) -> Tensor");
   m.def(
       "woq_dequantize(Tensor qweight, Tensor scales, Tensor? zeros, int bits, int in_features, int group_size) "
       "-> Tensor");

@@ -32,8 +32,10 @@ class WoqWeightDtype(IntEnum):
 
 
 class WoqLowpMode(IntEnum):
-    """The compute type IPEX used next to the quantized weights.  ipex_lite computes in the model's dtype
-    (bf16 or fp32) for every mode; INT8 (dynamically quantized activations) is accepted and runs that way."""
+    """The compute type next to the quantized weights.  NONE / BF16: the model's dtype.  INT8: decode calls
+    quantize each activation row to int8 (symmetric) and multiply with VNNI (AVX512-VNNI CPUs, groups of
+    a multiple of 128 inputs for int4 / 64 for int8; elsewhere they keep bf16 activations); prefill stays a
+    bf16 GEMM."""
     NONE = 0
     FP16 = 1
     BF16 = 2
@@ -167,6 +169,7 @@ class WoqLinear(nn.Module):
         self.register_buffer("qzeros", torch.zeros(out_features, groups) if bits == 4 else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self.register_buffer("perm", None)
+        self.lowp_int8 = False  # WoqLowpMode.INT8: decode quantizes the activations per row (VNNI)
 
     @classmethod
     def from_float(cls, layer: nn.Module, config: WoqConfig, name: str = "") -> "WoqLinear":
@@ -182,6 +185,7 @@ class WoqLinear(nn.Module):
             new.qzeros.copy_(z)
         if bias is not None:
             new.bias = bias.detach().clone()
+        new.lowp_int8 = config.lowp_mode == WoqLowpMode.INT8
         return new
 
     def dequantize(self) -> torch.Tensor:
@@ -201,11 +205,12 @@ class WoqLinear(nn.Module):
         scales = self.scales if self.scales.dtype == torch.float32 else self.scales.float()
         zeros = self.qzeros if self.qzeros is None or self.qzeros.dtype == torch.float32 else self.qzeros.float()
         return torch.ops.ipex_lite.woq_linear(x, self.qweight, scales, zeros, self.bias, self.bits,
-                                              self.in_features, self.group)
+                                              self.in_features, self.group, self.lowp_int8)
 
     def extra_repr(self) -> str:
         g = "per-row" if self.group == _padded(self.in_features) else f"group {self.group}"
-        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} {g}"
+        lowp = ", int8 activations when decoding" if self.lowp_int8 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} {g}{lowp}"
 
 
 def _quantizable(m: nn.Module) -> bool:
@@ -238,9 +243,7 @@ def quantize_weight_only(model: nn.Module, config: WoqConfig, report=None) -> nn
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         if report is not None:
-            report.add(name, "weight-only quantized", f"WoqLinear: {new.extra_repr()}"
-                       + ("; lowp_mode INT8 computes in the model's dtype here" if config.lowp_mode == WoqLowpMode.INT8
-                          else ""))
+            report.add(name, "weight-only quantized", f"WoqLinear: {new.extra_repr()}")
     return model
 
 
@@ -307,6 +310,7 @@ def woq_layers_from_checkpoint(model: nn.Module, checkpoint: Dict[str, torch.Ten
                                  f"needs {tuple(want.shape)}")
         plan.append((name, m, new, parts))
     for name, m, new, parts in plan:  # every layer checked: now change the model
+        new.lowp_int8 = config.lowp_mode == WoqLowpMode.INT8
         for key, t in parts.items():
             if key == "perm":
                 new.perm = t.long()
@@ -344,6 +348,7 @@ def fuse_woq(*layers: WoqLinear) -> WoqLinear:
             raise ValueError("fuse_woq: layers differ in inputs, bits, groups, input order or bias")
     fused = WoqLinear(first.in_features, sum(lay.out_features for lay in layers), first.bits, first.group,
                       bias=first.bias is not None, dtype=first.bias.dtype if first.bias is not None else torch.bfloat16)
+    fused.lowp_int8 = first.lowp_int8
     for key in ("qweight", "scales", "qzeros", "bias"):
         if getattr(first, key) is None:
             continue

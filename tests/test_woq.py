@@ -338,6 +338,19 @@ def _perplexity(model, data: torch.Tensor, seq: int = 128) -> float:
     return math.exp(F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1)).item())
 
 
+def _perplexity_decode(model, data: torch.Tensor, seq: int = 96, batch: int = 8) -> float:
+    """Teacher-forced decoding one token at a time through the KV cache: 8 rows per call, the GEMV path
+    (where lowp INT8 applies), not the prefill GEMM."""
+    x = data[: batch * (seq + 1)].view(batch, seq + 1)
+    losses, past = [], None
+    with torch.no_grad():
+        for t in range(seq):
+            out = model(x[:, t:t + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            losses.append(F.cross_entropy(out.logits[:, -1].float(), x[:, t + 1]))
+    return math.exp(torch.stack(losses).mean().item())
+
+
 @pytest.fixture(scope="module")
 def trained_llama():
     pytest.importorskip("transformers")
@@ -365,13 +378,19 @@ def test_perplexity_of_woq_on_real_text(trained_llama):
     bf16 = ipex_lite.llm.optimize(model, dtype=torch.bfloat16)
     ppl = {"bf16": _perplexity(bf16, held_out)}
     assert ppl["bf16"] < 16, ppl  # it learned something (uniform bytes: 256)
-    for name, wd, group, lowp in (("int8", q.WoqWeightDtype.INT8, -1, q.WoqLowpMode.NONE),
-                                  ("int4_g128", q.WoqWeightDtype.INT4, 128, q.WoqLowpMode.NONE),
-                                  ("int4_g128_lowp_int8", q.WoqWeightDtype.INT4, 128, q.WoqLowpMode.INT8)):
-        cfg = q.get_weight_only_quant_qconfig_mapping(weight_dtype=wd, group_size=group, lowp_mode=lowp)
+    for name, wd, group in (("int8", q.WoqWeightDtype.INT8, -1), ("int4_g128", q.WoqWeightDtype.INT4, 128)):
+        cfg = q.get_weight_only_quant_qconfig_mapping(weight_dtype=wd, group_size=group)
         ppl[name] = _perplexity(ipex_lite.llm.optimize(model, dtype=torch.bfloat16, quantization_config=cfg),
                                 held_out)
+    # decoding (the GEMV kernels, where lowp INT8 quantizes the activations)
+    for name, wd, lowp in (("bf16", None, None), ("int4_g128", q.WoqWeightDtype.INT4, q.WoqLowpMode.NONE),
+                           ("int4_g128_lowp_int8", q.WoqWeightDtype.INT4, q.WoqLowpMode.INT8)):
+        cfg = None if wd is None else q.get_weight_only_quant_qconfig_mapping(weight_dtype=wd, group_size=128,
+                                                                              lowp_mode=lowp)
+        ppl["decode_" + name] = _perplexity_decode(
+            ipex_lite.llm.optimize(model, dtype=torch.bfloat16, quantization_config=cfg), held_out)
     print(json.dumps(ppl))
+    assert ppl["decode_int4_g128"] <= ppl["decode_bf16"] * 1.05, ppl
+    assert ppl["decode_int4_g128_lowp_int8"] <= ppl["decode_bf16"] * 1.05, ppl
     assert ppl["int8"] <= ppl["bf16"] * 1.01, ppl
     assert ppl["int4_g128"] <= ppl["bf16"] * 1.05, ppl
-    assert ppl["int4_g128_lowp_int8"] <= ppl["bf16"] * 1.05, ppl

@@ -1,7 +1,7 @@
 """KV caches that are allocated once per generation instead of growing by ``torch.cat`` every token.
 
-``KVCache`` is a ``transformers.DynamicCache`` (transformers 5.x layer API) whose full-attention layers
-keep keys and values in a buffer sized for the whole generation; ``update`` copies the new positions in
+``KVCache`` is a ``transformers.DynamicCache`` whose full-attention layers (transformers 5.x layer classes;
+the key_cache / value_cache lists of 4.x) keep keys and values in a buffer sized for the whole generation; ``update`` copies the new positions in
 and returns views of the filled part, which ipex_lite's decode attention reads in place.  Everything
 else a ``DynamicCache`` does (crop, beam reordering, batch selection, sliding-window layers) keeps
 working: an operation that replaces the layer's tensors is noticed at the next update and the buffer is

@@ -12,25 +12,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .nn.functional import scaled_dot_product_attention
+from .nn.functional import cached_attention, scaled_dot_product_attention
 
 NAME = "ipex_lite"
-
-
-# Query rows up to which the decode kernel serves a call (see attention_forward).
-_DECODE_ROWS = 16
-
-
-def _decode_ok(module, query, key, value, mask) -> bool:
-    tensors = [t for t in (query, key, value, mask) if t is not None]
-    if module.training or any(t.device.type != "cpu" or t.layout != torch.strided for t in tensors):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    if query.dtype not in (torch.float32, torch.bfloat16) or not query.dtype == key.dtype == value.dtype:
-        return False
-    return (query.dim() == key.dim() == value.dim() == 4 and key.shape[1] > 0 and query.shape[1] % key.shape[1] == 0
-            and (mask is None or mask.dtype in (torch.bool, torch.float32, torch.bfloat16)))
 
 
 def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -46,20 +30,13 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     q_len, kv_len = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(q_len > 1 and attention_mask is None and causal)
-    if q_len <= _DECODE_ROWS and (q_len == 1 or attention_mask is not None or kv_len == q_len) and _decode_ok(
-            module, query, key, value, attention_mask):
-        # decode: read the cache in place, grouped-query heads without copies
-        out = torch.ops.ipex_lite.decode_attention(query, key, value, attention_mask, causal, scaling)
-        return out.transpose(1, 2), None
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # grouped-query heads: the kernel takes one K/V head per query head
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
     if causal and kv_len > q_len:  # prefill into an empty static cache: the tail is padding
         key, value = key[:, :, :q_len], value[:, :, :q_len]
-    out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                       dropout_p=dropout if module.training else 0.0, is_causal=causal,
-                                       scale=scaling)
+    if module.training and dropout:
+        out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                           is_causal=causal, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    else:
+        out = cached_attention(query, key, value, attention_mask, causal, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

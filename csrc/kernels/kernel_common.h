@@ -77,6 +77,16 @@ inline void store_elem(uint16_t* p, float v) { *p = f32_to_bf16(v); }
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// y[at] = v + bias (bias may be null: nothing added) in an fp32 or bf16 (bf16 = true) output.
+inline void store_biased(void* y, bool bf16, int64_t at, float v, const float* bias, int64_t n) {
+  v += bias != nullptr ? bias[n] : 0.f;
+  if (bf16) {
+    static_cast<uint16_t*>(y)[at] = f32_to_bf16(v);
+  } else {
+    static_cast<float*>(y)[at] = v;
+  }
+}
+
 // Software prefetch that the optimiser cannot delete.  GCC 12 splits a small
 // prefetch helper (partial inlining), judges the outlined part free of side
 // effects because __builtin_prefetch is, and drops the call: that once

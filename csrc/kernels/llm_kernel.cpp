@@ -132,12 +132,7 @@ void dot_block_bf16(const uint16_t* x, int64_t k, const uint16_t* w, int64_t ldw
 #endif
 
 inline void store_y(const SmallMArgs& a, int64_t i, int64_t n, float v) {
-  v += a.bias != nullptr ? a.bias[n] : 0.f;
-  if (a.y_bf16) {
-    static_cast<uint16_t*>(a.y)[i * a.ldy + n] = f32_to_bf16(v);
-  } else {
-    static_cast<float*>(a.y)[i * a.ldy + n] = v;
-  }
+  store_biased(a.y, a.y_bf16, i * a.ldy + n, v, a.bias, n);
 }
 
 // One weight row at a time, U vectors per step in independent chains: each thread reads a single

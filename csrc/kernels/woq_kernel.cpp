@@ -23,12 +23,7 @@ inline float weight_at(const uint8_t* row, int64_t k) {
 }
 
 inline void store_out(const WoqArgs& a, int64_t i, int64_t n, float v) {
-  v += a.bias != nullptr ? a.bias[n] : 0.f;
-  if (a.y_bf16) {
-    static_cast<uint16_t*>(a.y)[i * a.ldy + n] = f32_to_bf16(v);
-  } else {
-    static_cast<float*>(a.y)[i * a.ldy + n] = v;
-  }
+  store_biased(a.y, a.y_bf16, i * a.ldy + n, v, a.bias, n);
 }
 
 // res[i] = sum_k x[i, k] w[n, k] for the MB activation rows at x.

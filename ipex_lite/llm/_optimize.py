@@ -29,7 +29,7 @@ from torch import nn
 from .. import _hf_attention
 from .._inference import Report
 from ..nn.attention import adopt
-from ..nn.functional import scaled_dot_product_attention
+from ..nn.functional import cached_attention
 from ..quantization._woq import WoqConfig, WoqLinear, fuse_woq, quantize_weight_only, woq_layers_from_checkpoint
 from ..quantization._woq import _plan as _woq_plan
 from . import functional as LF
@@ -38,25 +38,13 @@ from .modules import LinearFast, _fuse_rows
 
 __all__ = ["optimize"]
 
-# Query rows up to which attention reads the cache through the decode kernel (GQA heads never copied);
-# longer (prefill) calls use the GEMM-based attention kernel.
-_DECODE_ROWS = 16
-
-
-def _attend(module: nn.Module, q, k, v, attention_mask, scaling, sliding_window=None):
+def _attend(q, k, v, attention_mask, scaling):
     """(B, H, Lq, D) queries over (B, Hkv, Lk, D) keys/values -> (B, Lq, H, D) output."""
-    lq, lk = q.shape[2], k.shape[2]
-    causal = attention_mask is None and lq > 1
+    lk = k.shape[2]
     if attention_mask is not None and attention_mask.shape[-1] > lk:  # transformers 4.x masks may run longer
         attention_mask = attention_mask[..., :lk]
-    if lq <= _DECODE_ROWS or (causal and lk != lq):
-        out = LF.decode_attention(q, k, v, attention_mask, is_causal=causal, scale=scaling)
-    else:
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:  # a prefill copies K/V once per head group; decode never does
-            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-        out = scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=causal, scale=scaling)
-    return out.transpose(1, 2)
+    causal = attention_mask is None and q.shape[2] > 1
+    return cached_attention(q, k, v, attention_mask, causal, scaling).transpose(1, 2)
 
 
 def _cache_update(module: nn.Module, cache, k, v, cos, sin, cache_position):
@@ -84,7 +72,7 @@ class _FastAttentionMixin:
         cos, sin = position_embeddings
         q, k = LF.rotary_embedding(q, k, sin, cos)
         k, v = _cache_update(self, cache, k.transpose(1, 2), v.transpose(1, 2), cos, sin, cache_position)
-        out = _attend(self, q.transpose(1, 2), k, v, attention_mask, self.scaling)
+        out = _attend(q.transpose(1, 2), k, v, attention_mask, self.scaling)
         return self.o_proj(out.reshape(b, s, hq * d)), None
 
     def _ipex_original_forward(self, *args, **kwargs):

@@ -12,6 +12,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..nn.functional import cached_attention
 from . import functional as LF
 from .cache import StaticKVCache
 
@@ -158,17 +159,7 @@ class CachedAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        causal = attention_mask is None and s > 1
-        if s <= 16:
-            out = LF.decode_attention(q, k, v, attention_mask, is_causal=causal)
-        else:
-            from ..nn.functional import scaled_dot_product_attention
-            g = hq // hk
-            k_all, v_all = (k, v) if g == 1 else (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
-            if causal and k_all.shape[2] != s:
-                out = LF.decode_attention(q, k, v, None, is_causal=True)
-            else:
-                out = scaled_dot_product_attention(q, k_all, v_all, attn_mask=attention_mask, is_causal=causal)
+        out = cached_attention(q, k, v, attention_mask, attention_mask is None and s > 1)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, hq * d))
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from .prepacked import _shape_test
 from .vision import as_pair, roi_align
 
-__all__ = ["interaction", "max_pool2d", "roi_align", "scaled_dot_product_attention"]
+__all__ = ["interaction", "max_pool2d", "roi_align", "scaled_dot_product_attention", "cached_attention"]
 
 
 def interaction(*tensors: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
@@ -63,6 +63,43 @@ def _fused_attention_applies(query, key, value, attn_mask, dropout_p, enable_gqa
                    or key.shape[3] != e):
         return False
     return attn_mask is None or attn_mask.dtype in (torch.bool, torch.float32, torch.bfloat16)
+
+
+# Query rows up to which cached_attention reads the keys through the decode kernel.
+DECODE_ROWS = 16
+
+
+def cached_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                     scale: Optional[float] = None) -> torch.Tensor:
+    """Attention of (B, Hq, Lq, D) queries over (B, Hkv, Lk, D) cached keys/values, Hq a multiple of Hkv,
+    causal aligned with the end of the cache (query i sees keys ``j <= Lk - Lq + i``), for inference.
+
+    Up to DECODE_ROWS query rows go to ipex_lite's decode kernel, which reads the cache in place and never
+    copies K/V for grouped-query heads; longer calls (prefill) repeat K/V per head group once and use
+    ``scaled_dot_product_attention`` (its kernel, or torch's for what it does not serve)."""
+    lq, lk = query.shape[2], key.shape[2]
+    if lq <= DECODE_ROWS and _decode_applies(query, key, value, attn_mask):
+        return torch.ops.ipex_lite.decode_attention(query, key, value, attn_mask, is_causal, scale)
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    if is_causal and lk != lq:  # bottom-right aligned: a mask, since SDPA's is_causal is top-left
+        attn_mask = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril(lk - lq)
+        is_causal = False
+    return scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+
+
+def _decode_applies(query, key, value, mask) -> bool:
+    tensors = [t for t in (query, key, value, mask) if t is not None]
+    if any(not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.layout != torch.strided for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if query.dtype not in (torch.float32, torch.bfloat16) or not query.dtype == key.dtype == value.dtype:
+        return False
+    return (query.dim() == key.dim() == value.dim() == 4 and key.shape[1] > 0 and query.shape[1] % key.shape[1] == 0
+            and (mask is None or mask.dtype in (torch.bool, torch.float32, torch.bfloat16)))
 
 
 def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,

@@ -164,6 +164,19 @@ def _snapshot(layers):
     return [(dict(lay._parameters), dict(lay._buffers)) for lay in layers]
 
 
+def _fused_block(mixin: type, m: nn.Module, parts, out_name: str, fused_name: str):
+    """The fast subclass of block m: its input projections ``parts`` as one layer under ``fused_name`` (a
+    plain attribute, not a child: the Parameters stay where the checkpoint has them) and its output
+    projection ``out_name`` on the small-M path; with what _restore needs to undo the fusion.  Raises
+    ValueError (nothing changed) when the projections cannot be fused."""
+    saved = _snapshot(parts)
+    fused = _fuse(parts) if len(parts) > 1 else _fast(parts[0])
+    new = adopt(_subclass(mixin, type(m)), m)
+    setattr(new, out_name, _fast(getattr(m, out_name)))
+    object.__setattr__(new, fused_name, fused)
+    return new, saved
+
+
 def _is_rms_norm(m: nn.Module) -> bool:
     w = getattr(m, "weight", None)
     eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
@@ -242,16 +255,11 @@ def _optimize_attention(path, m, parts, heads, rotary, dtype, report) -> Optiona
         cos, sin = rotary(x, pos)
     original_forward = m.forward
 
-    new = adopt(_subclass(_FastAttentionMixin, type(m)), m)
-    new.o_proj = _fast(m.o_proj)
-    saved = _snapshot(parts)
     try:
-        qkv = _fuse(parts) if len(parts) == 3 else _fast(parts[0])
+        new, saved = _fused_block(_FastAttentionMixin, m, parts, "o_proj", "_ipex_qkv")
     except ValueError as e:
         report.add(path, "kept", f"q/k/v not fused: {e}")
         return None
-    # plain attributes, not children: the Parameters stay where the checkpoint has them
-    object.__setattr__(new, "_ipex_qkv", qkv)
     object.__setattr__(new, "_ipex_heads", heads)
     why = _probe(lambda t: original_forward(t, position_embeddings=(cos, sin), attention_mask=None),
                  lambda t: new(t, position_embeddings=(cos, sin), attention_mask=None), (x,), dtype)
@@ -380,15 +388,11 @@ def optimize(model: nn.Module, optimizer=None, dtype: torch.dtype = torch.float3
             report.add(path, "kept", f"attention not optimized: {info}")
         mlp = _mlp_parts(m) if hasattr(m, "down_proj") else None
         if mlp is not None:
-            new = adopt(_subclass(_FastGatedMLPMixin, type(m)), m)
-            new.down_proj = _fast(m.down_proj)
-            saved = _snapshot(mlp)
             try:
-                gate_up = _fuse(mlp) if len(mlp) == 2 else _fast(mlp[0])
+                new, saved = _fused_block(_FastGatedMLPMixin, m, mlp, "down_proj", "_ipex_gate_up")
             except ValueError as e:
                 report.add(path, "kept", f"gated MLP not fused: {e}")
                 continue
-            object.__setattr__(new, "_ipex_gate_up", gate_up)
             x = torch.randn(2, 3, mlp[0].in_features, dtype=dtype)
             why = _probe(m.forward, new.forward, (x,), dtype)
             if why is None:

@@ -29,7 +29,7 @@ space := $(empty) $(empty)
 SPEC_TAG := $(subst $(space),_,$(subst /,_,$(subst *,x,$(subst <,lt,$(subst >,gt,$(subst =,,$(subst ~,,$(subst !,not,$(TORCH_SPEC) $(HF_SPEC) $(TIMM_SPEC)))))))))
 DEPS_STAMP := $(VENV)/.deps-$(SPEC_TAG)
 
-.PHONY: all venv build test demo bench sanitize clean distclean
+.PHONY: all venv build test demo bench docs sanitize clean distclean
 
 all: test
 
@@ -90,6 +90,19 @@ demo: build
 	$(VENV)/bin/ipex-lite-run --throughput-mode bench/dlrm.py --quick --no-compile --no-train
 	$(VENV)/bin/ipex-lite-run --throughput-mode tutorials/llm.py
 
+# The documentation site (docs/, Sphinx + MyST; API reference by autodoc on the built package) in
+# docs/_build/html.  Its tools (docs/requirements.txt, exact versions) go into the same venv under a
+# stamp of their own, so installing them never invalidates $(DEPS_STAMP) (no torch reinstall, no
+# rebuild).  Every warning is an error (-W -n: unresolved references too); -E rereads every page, so
+# a docstring change is seen and a second run cannot pass on a cached, warning-free environment.
+DOCS_STAMP := $(VENV)/.docs-deps
+$(DOCS_STAMP): docs/requirements.txt | $(DEPS_STAMP)
+	$(VPIP) install $(PIP_ARGS) -r docs/requirements.txt
+	@touch "$@"
+
+docs: build $(DOCS_STAMP)
+	$(VENV)/bin/sphinx-build -E -W --keep-going -n -b html docs docs/_build/html
+
 # every bench/ script, then bench/report/REPORT.md + charts (`python -m bench --quick`: ~2 minutes)
 bench: build
 	$(VPY) -m bench
@@ -109,7 +122,7 @@ sanitize: venv
 		../$(VPY) -m pytest -q -p no:cacheprovider $(SANITIZE_TESTS)
 
 clean:
-	rm -rf build *.egg-info .pytest_cache .hypothesis .sanitize
+	rm -rf build *.egg-info .pytest_cache .hypothesis .sanitize docs/_build
 	rm -f ipex_lite/_C*.so
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 

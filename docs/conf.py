@@ -53,6 +53,13 @@ nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(torch|transformers|numpy|np|nn|F)(\..*)?"),
     (r"py:.*", r"(Tensor|Module|dtype|device)"),
+    # the standard library's types (enum.IntEnum as a base class): no intersphinx either
+    (r"py:.*", r"(enum|collections|concurrent|typing)\..*"),
+]
+nitpick_ignore = [
+    # PreparedModel's constructor takes the optimize() report; users get a PreparedModel from
+    # prepare() and never build the report type, which stays private.
+    ("py:class", "ipex_lite._inference.Report"),
 ]
 
 html_theme = "alabaster"
@@ -64,3 +71,59 @@ except ImportError:
     pass
 html_title = f"ipex_lite {release}"
 html_static_path = []
+
+
+# ----------------------------------------------------------------------------- autodoc hooks
+
+def _public_bases(bases):
+    """Base classes as shown by show-inheritance: a private base (``_Packed``, ``_FeedForward``,
+    ...) is an implementation detail, so its own bases are shown in its place."""
+    out = []
+    for b in bases:
+        if getattr(b, "__name__", "").startswith("_") and getattr(b, "__module__", "").startswith("ipex_lite"):
+            out.extend(c for c in _public_bases(list(b.__bases__)) if c is not object and c not in out)
+        elif b not in out:
+            out.append(b)
+    return out or [object]
+
+
+def _process_bases(app, name, obj, options, bases):
+    bases[:] = _public_bases(list(bases))
+
+
+_OBJECT_REPR = [
+    (re.compile(r"<class '(?:[\w]+\.)*(\w+)'>"), r"\1"),                     # a class as a default
+    (re.compile(r"<function (?:[\w]+\.)*(\w+) at 0x[0-9a-f]+>"), r"\1"),      # a function as a default
+    (re.compile(r"<factory>"), "..."),                                          # dataclass default_factory
+]
+
+
+def _process_signature(app, what, name, obj, options, signature, return_annotation):
+    """Defaults whose repr is not Python (``<class 'x.Y'>``, dataclass ``<factory>``) make Sphinx
+    fall back to splitting the signature at commas, which breaks its type annotations apart."""
+    if signature:
+        for pattern, repl in _OBJECT_REPR:
+            signature = pattern.sub(repl, signature)
+    return signature, return_annotation
+
+
+def _resolve_private_path(app, env, node, contnode):
+    """A type annotation names the defining module (``ipex_lite.quantization._woq.WoqWeightDtype``);
+    the reference documents it where users import it (``ipex_lite.quantization.WoqWeightDtype``)."""
+    if node.get("refdomain") != "py":
+        return None
+    target = node.get("reftarget", "")
+    m = re.match(r"^(ipex_lite(?:\.[a-z]\w*)*)(?:\._\w+)+\.(\w+)$", target)
+    if not m:
+        return None
+    public = f"{m.group(1)}.{m.group(2)}"
+    domain = env.get_domain("py")
+    if public not in domain.objects:
+        return None
+    return domain.resolve_xref(env, node.get("refdoc"), app.builder, node.get("reftype"), public, node, contnode)
+
+
+def setup(app):
+    app.connect("autodoc-process-bases", _process_bases)
+    app.connect("autodoc-process-signature", _process_signature)
+    app.connect("missing-reference", _resolve_private_path)

@@ -1,5 +1,7 @@
 """ipex_lite: the Intel Extension for PyTorch feature set on current PyTorch.
 
+IPEX code keeps working with the import alias::
+
     import ipex_lite as ipex
 """
 import torch  # noqa: F401  (loads libtorch before the extension)

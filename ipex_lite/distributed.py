@@ -1,12 +1,13 @@
 """Data-parallel training of ipex_lite-optimized models with torch.distributed (gloo on CPU,
 oneCCL where its bindings are installed).  Launch the workers with ``ipex-lite-run
---nproc-per-node N script.py`` (each rank pinned to its cores, env:// rendezvous variables set).
+--nproc-per-node N script.py`` (each rank pinned to its cores, env:// rendezvous variables set).  In each worker::
 
     torch.distributed.init_process_group("gloo")
     model, opt = ipex_lite.optimize(model, optimizer=opt, dtype=torch.bfloat16)
     model = ipex_lite.distributed.wrap_ddp(model, opt)          # fp32 all-reduce of bf16 gradients
 
 What DDP alone gets wrong with split-BF16, and this module handles:
+
 * DDP broadcasts the module's parameters from rank 0 (the bf16 top halves) but not the
   optimizer's trails, so ranks would hold different fp32 masters: ``wrap_ddp`` broadcasts them.
 * bf16 gradients summed in bf16 over many ranks lose bits: the comm hook sums in fp32

@@ -1,4 +1,4 @@
-"""Environment report for ipex_lite: versions, CPU ISA, threading, allocator, NUMA.
+"""Environment report for ipex_lite: versions, CPU ISA, threading, allocator, NUMA::
 
     python -m ipex_lite.doctor          # human-readable report + recommendations
     python -m ipex_lite.doctor --json   # everything as one JSON document

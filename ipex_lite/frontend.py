@@ -291,7 +291,58 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, optimizer=No
              replace_dropout_with_identity=None, optimize_lstm=None, split_master_weight_for_bf16=None,
              fuse_update_step=None, auto_kernel_selection=None, sample_input=None, graph_mode=None,
              concat_linear=None, verbose=False, conv_winograd=None):
-    """IPEX-compatible entry point; see the module docstring for what this build does."""
+    """Optimize ``model`` for inference, or a model and its optimizer for training (IPEX's signature).
+
+    Inference: pass a model in eval mode and no optimizer; the optimized model is returned.  Training:
+    pass a model in training mode and its optimizer; ``(model, optimizer)`` is returned.  The module
+    docstring of ``ipex_lite.frontend`` describes what each mode does.
+
+    Args:
+        model: the ``nn.Module``.  In training mode an optimizer is required (IPEX's
+            ``AssertionError`` otherwise).
+        dtype: ``None`` / ``torch.float32``, or ``torch.bfloat16``: inference computes the packed
+            layers in bf16; training turns the weights into split-BF16 halves.
+        optimizer: the training optimizer.  SGD, Adam, AdamW, Adagrad and ``ipex_lite.optim.Lamb``
+            are replaced by ipex_lite's fused versions with the same groups, hyperparameters and
+            state; other optimizers step fp32 master copies of bf16 weights (with a warning).
+        level: ``"O1"`` (the default: the knobs below take their defaults) or ``"O0"`` (inference:
+            nothing changes unless a knob is set or ``dtype=torch.bfloat16``; training: the model and
+            optimizer are returned as they are).
+        inplace: change ``model`` itself instead of a deep copy.
+        conv_bn_folding: fold BatchNorm into the Conv before it (inference).
+        linear_bn_folding: fold BatchNorm into the Linear before it (inference).
+        weights_prepack: prepack Conv / ConvTranspose / Linear weights for oneDNN (inference).
+        replace_dropout_with_identity: replace Dropout with Identity (inference).
+        optimize_lstm: accepted for IPEX compatibility; it has no effect.
+        split_master_weight_for_bf16: training with ``dtype=torch.bfloat16``: ``False`` keeps the fp32
+            weights instead of splitting them.
+        fuse_update_step: training: update each parameter inside backward as soon as its gradient is
+            accumulated (``ipex_lite.optim.update_in_backward_``); refused under a multi-rank process
+            group.
+        auto_kernel_selection: inference: time the fp32 / bf16 / kernel choices on ``sample_input`` and
+            keep a choice only when it is more than 3% faster.  Training on CPUs without AMX: ``False``
+            keeps bf16 GEMMs instead of ``ipex_lite.nn.Fp32ComputeLinear``.
+        sample_input: inference: a tensor or a tuple of positional inputs; weights are packed for its
+            shapes and the kernel timing of ``auto_kernel_selection`` runs on it.
+        graph_mode: inference: rewrite through ``torch.fx`` where the model traces (``False``: only
+            module-local rewrites, the class is kept).
+        concat_linear: inference: merge Linears that read the same input into one GEMM (off by default).
+        verbose: inference: print the ``ipex_lite.explain`` report.
+        conv_winograd: inference: run eligible fp32 3x3 stride-1 convolutions through ipex_lite's
+            Winograd kernel (on at O1; an ipex_lite knob, not IPEX's).
+
+    Each knob left at ``None`` takes the level's default.
+
+    Returns:
+        The optimized model (inference), or ``(model, optimizer)`` (training).
+
+    Raises:
+        AssertionError: a model in training mode without an optimizer.
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: an unknown ``level`` or ``dtype``, an optimizer with a model in eval mode, an
+            optimizer none of whose parameters belong to the model, or ``fuse_update_step`` under a
+            multi-rank process group.
+    """
     if level not in _LEVELS:
         raise ValueError(f"optimize: level must be one of {_LEVELS}, got {level!r}")
     if dtype not in (None, torch.float32, torch.bfloat16):

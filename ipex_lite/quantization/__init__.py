@@ -1,4 +1,4 @@
-"""INT8 post-training quantization (IPEX 2.x names).
+"""INT8 post-training quantization (IPEX 2.x names)::
 
     from ipex_lite.quantization import prepare, convert, default_static_qconfig_mapping
     prepared = prepare(model.eval(), default_static_qconfig_mapping, example_inputs=x)

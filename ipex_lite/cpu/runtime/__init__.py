@@ -1,4 +1,4 @@
-"""Multi-stream inference inside one process (IPEX's runtime extension names).
+"""Multi-stream inference inside one process (IPEX's runtime extension names)::
 
     from ipex_lite.cpu.runtime import CPUPool, MultiStreamModule, Task, pin
     model = MultiStreamModule(model, num_streams=2)       # batch split over 2 pinned streams

@@ -339,8 +339,13 @@ def optimize(model: nn.Module, optimizer=None, dtype: torch.dtype = torch.float3
         low_precision_checkpoint: a state_dict of quantized layers -- ipex_lite's ``WoqLinear`` keys
             (``qweight``, ``scales``, ``qzeros``) or the GPTQ layout (``qweight``/``qzeros`` int32, ``scales``,
             ``g_idx``) -- loaded in place of the model's float weights (a fresh model from a config will do).
-        optimizer, qconfig_summary_file, sample_inputs, cache_weight_for_large_batch: IPEX options with no
-            effect here (training is ``ipex_lite.optimize(model, optimizer)``; no calibration is needed).
+        device: ``"cpu"`` only (anything else raises ``ValueError``).
+        optimizer: must be ``None`` (``ValueError`` otherwise): this is inference; train with
+            ``ipex_lite.optimize(model, optimizer)``.
+        qconfig_summary_file: accepted for IPEX compatibility; no effect (weight-only quantization needs no
+            calibration).
+        sample_inputs: accepted for IPEX compatibility; no effect.
+        cache_weight_for_large_batch: accepted for IPEX compatibility; no effect.
 
     Returns the optimized model (in eval mode).  ``ipex_lite.explain(model)`` reports every decision.
     """

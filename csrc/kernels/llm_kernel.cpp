@@ -139,9 +139,9 @@ inline void store_y(const SmallMArgs& a, int64_t i, int64_t n, float v) {
 // sequential stream (the 2-core host's DRAM gives 32 GB/s to it against 28 for four interleaved rows).
 template <int MB>
 void dot_row(const float* x, int64_t k, const uint16_t* w, float* res) {
-  constexpr int U = 4;
   int64_t c = 0;
 #if defined(__AVX512F__) || defined(__AVX2__)
+  constexpr int U = 4;
   Vec acc[MB][U];
 #pragma GCC unroll 4
   for (int i = 0; i < MB; ++i)

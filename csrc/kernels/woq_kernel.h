@@ -24,16 +24,20 @@ struct WoqArgs {
   const float* x;     // (m, kp), zero-padded
   const float* xsum;  // (m, kp / group): sum of x over each group (zero points; the bf16 path), or null
   // The same activations in bf16 when the input was bf16 (exact), else null.  x_bf16 is in input order;
-  // x_bf16_int4 in the lane order of a 64-input int4 block widened to 16-bit lanes: per 64 inputs
-  // [0, 16) [32, 48) (low nibbles) then [16, 32) [48, 64) (high nibbles).
+  // x_bf16_lanes in the lane order of the bf16 kernel for the layer (null where that kernel reads x_bf16):
+  //   int8, group % 64 == 0: per 64 inputs, the even inputs then the odd ones (the two bytes of a 16-bit lane);
+  //   int4, group % 128 == 0: per 128 inputs, 4 x 32 lanes, nibble v (bits 4v..4v+3) of 16-bit word j of the
+  //     64 weight bytes: input 32 (j / 8) + 2 (j % 8) + (v >> 1) + 16 (v & 1);
+  //   int4, other groups: per 64 inputs [0, 16) [32, 48) (low nibbles) then [16, 32) [48, 64) (high
+  //     nibbles), the 32 inputs past the last whole 64 as they are.
   const uint16_t* x_bf16;
-  const uint16_t* x_bf16_int4;
+  const uint16_t* x_bf16_lanes;
   // lowp INT8 (activations quantized per row, symmetric): x_q in the weights' byte-lane order (int4: per
   // 128 inputs, the low nibbles' 64 lanes then the high nibbles'; int8: input order), x_scale per row and
   // the per-group sums of x_q; null when the call computes with bf16/fp32 activations
   const int8_t* x_q;
   const float* x_scale;
-  const int32_t* x_q_sum;
+  const float* x_q_sum;  // exact: |sum| <= 127 * group < 2^24
   int64_t m, kp, group;
   const uint8_t* w;  // the layout above; row stride ldw bytes
   int64_t ldw;

@@ -74,16 +74,16 @@ kernels::WoqArgs make_args(const Packed& p, const at::Tensor& qw, const at::Tens
 
 // The activations in every form the kernels read, made in one pass into one buffer (per call: a decode
 // step runs ~100 of these, and a chain of ATen ops here cost more than the int4 GEMV saved): fp32 padded
-// to kp, per-group sums, and for the bf16 path the bf16 copy in input order and in int4 lane order.
+// to kp, per-group sums, and for the bf16 path the bf16 copy in input order and in the kernel's lane order.
 struct ActivationForms {
   at::Tensor storage;
   float* x = nullptr;
   float* xsum = nullptr;
   uint16_t* x_bf16 = nullptr;
-  uint16_t* x_bf16_int4 = nullptr;
+  uint16_t* x_bf16_lanes = nullptr;
   int8_t* x_q = nullptr;
   float* x_scale = nullptr;
-  int32_t* x_q_sum = nullptr;
+  float* x_q_sum = nullptr;
 };
 
 // lowp INT8: each row of x symmetric int8 (scale max|x| / 127), in the weights' byte-lane order.
@@ -95,11 +95,11 @@ void fill_int8(int64_t m, const Packed& p, const ActivationForms& f) {
     const float scale = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / scale;
     f.x_scale[i] = scale;
     int8_t* q = f.x_q + i * p.kp;
-    int32_t* qs = f.x_q_sum + i * p.groups;
-    for (int64_t g = 0; g < p.groups; ++g) qs[g] = 0;
+    float* qs = f.x_q_sum + i * p.groups;
+    for (int64_t g = 0; g < p.groups; ++g) qs[g] = 0.f;
     for (int64_t c = 0; c < p.kp; ++c) {
       const int32_t v = static_cast<int32_t>(std::nearbyint(std::max(-127.f, std::min(127.f, x[c] * inv))));
-      qs[c / p.group] += v;
+      qs[c / p.group] += static_cast<float>(v);
       // int4: per 128 inputs, lane b < 64 takes input (b / 16) * 32 + b % 16 (low nibbles), lane 64 + b the
       // input 16 further (high nibbles)
       int64_t d = c;
@@ -112,9 +112,25 @@ void fill_int8(int64_t m, const Packed& p, const ActivationForms& f) {
   }
 }
 
+// Where input c sits in x_bf16_lanes (woq_kernel.h): the lane order of the bf16 kernel the layer's group
+// size selects.
+int64_t bf16_lane(const Packed& p, int64_t c) {
+  if (p.bits == 8) {  // per 64 inputs: the even ones, then the odd ones
+    const int64_t r = c & 63;
+    return (c & ~int64_t(63)) + (r & 1) * 32 + r / 2;
+  }
+  if (p.group % 128 == 0) {  // per 128 inputs: nibble v of 16-bit word j holds input in(v, j)
+    const int64_t r = c & 127, t = r / 32, q = r % 32, hi = q / 16, pos = q % 16;
+    const int64_t j = t * 8 + pos / 2, v = (pos & 1) * 2 + hi;
+    return (c & ~int64_t(127)) + v * 32 + j;
+  }
+  const int64_t k64 = p.kp / 64 * 64, r = c & 63;  // [0,16) [32,48) [16,32) [48,64); the last 32 as they are
+  const int64_t d = c >= k64 ? r : (r < 16 || r >= 48 ? r : (r < 32 ? r + 16 : r - 16));
+  return (c & ~int64_t(63)) + d;
+}
+
 template <typename T>
 void fill_forms(const T* src, int64_t m, const Packed& p, const ActivationForms& f) {
-  const int64_t k64 = p.kp / 64 * 64;
   for (int64_t i = 0; i < m; ++i) {
     float* x = f.x + i * p.kp;
     float* xs = f.xsum + i * p.groups;
@@ -127,13 +143,9 @@ void fill_forms(const T* src, int64_t m, const Packed& p, const ActivationForms&
     if (f.x_bf16 == nullptr) continue;
     uint16_t* xb = f.x_bf16 + i * p.kp;
     for (int64_t c = 0; c < p.kp; ++c) xb[c] = c10::BFloat16(x[c]).x;  // exact: the input was bf16
-    if (f.x_bf16_int4 == nullptr) continue;
-    uint16_t* x4 = f.x_bf16_int4 + i * p.kp;
-    for (int64_t c = 0; c < p.kp; ++c) {
-      const int64_t r = c & 63;  // [0,16) [32,48) [16,32) [48,64): low nibbles, then high nibbles
-      const int64_t d = c >= k64 ? r : (r < 16 || r >= 48 ? r : (r < 32 ? r + 16 : r - 16));
-      x4[(c & ~int64_t(63)) + d] = xb[c];
-    }
+    if (f.x_bf16_lanes == nullptr) continue;
+    uint16_t* xl = f.x_bf16_lanes + i * p.kp;
+    for (int64_t c = 0; c < p.kp; ++c) xl[bf16_lane(p, c)] = xb[c];
   }
 }
 
@@ -153,13 +165,15 @@ ActivationForms activation_forms(const at::Tensor& x2d, const Packed& p, bool bf
   f.xsum = reinterpret_cast<float*>(base + x_bytes);
   if (bf16_path) {
     f.x_bf16 = reinterpret_cast<uint16_t*>(base + x_bytes + sum_bytes);
-    if (p.bits == 4) f.x_bf16_int4 = reinterpret_cast<uint16_t*>(base + x_bytes + sum_bytes + half_bytes);
+    if (p.bits == 4 || p.group % 64 == 0) {
+      f.x_bf16_lanes = reinterpret_cast<uint16_t*>(base + x_bytes + sum_bytes + half_bytes);
+    }
   }
   if (int8_path) {
     uint8_t* q = base + x_bytes + sum_bytes + (bf16_path ? 2 * half_bytes : 0);
     f.x_q = reinterpret_cast<int8_t*>(q);
     f.x_scale = reinterpret_cast<float*>(q + lines(m * p.kp));
-    f.x_q_sum = reinterpret_cast<int32_t*>(q + lines(m * p.kp) + lines(4 * m));
+    f.x_q_sum = reinterpret_cast<float*>(q + lines(m * p.kp) + lines(4 * m));
   }
   if (x2d.scalar_type() == at::kFloat) {
     fill_forms(x2d.data_ptr<float>(), m, p, f);
@@ -227,7 +241,7 @@ at::Tensor woq_linear(const at::Tensor& input, const at::Tensor& qweight, const 
   a.x = xf.x;
   a.xsum = xf.xsum;
   a.x_bf16 = xf.x_bf16;
-  a.x_bf16_int4 = xf.x_bf16_int4;
+  a.x_bf16_lanes = xf.x_bf16_lanes;
   a.x_q = xf.x_q;
   a.x_scale = xf.x_scale;
   a.x_q_sum = xf.x_q_sum;

@@ -128,7 +128,7 @@ def main(argv=None) -> int:
                         help="stock fp32 runs only cases with batch * prompt up to this (its prefill is slow)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile of stock bf16 (slow to compile)")
     parser.add_argument("--no-woq", dest="woq", action="store_false",
-                        help="skip the weight-only quantized rows (int8, int4 group 128; lm_head stays bf16)")
+                        help="skip the weight-only quantized rows (int8, int4 / nf4 group 128; lm_head stays bf16)")
     parser.set_defaults(repeat=3, warmup=1)
     args = parser.parse_args(argv)
     setup_from_args(args)
@@ -147,7 +147,8 @@ def main(argv=None) -> int:
     systems["ipex_lite modules (hand-built) bf16"] = _hand_built_class()(bf16)
     if args.woq:
         from ipex_lite.quantization import WoqWeightDtype, get_weight_only_quant_qconfig_mapping
-        for label, wd, group in (("int8", WoqWeightDtype.INT8, -1), ("int4 g128", WoqWeightDtype.INT4, 128)):
+        for label, wd, group in (("int8", WoqWeightDtype.INT8, -1), ("int4 g128", WoqWeightDtype.INT4, 128),
+                                 ("nf4 g128", WoqWeightDtype.NF4, 128)):
             qc = get_weight_only_quant_qconfig_mapping(weight_dtype=wd, group_size=group)
             systems[f"ipex_lite WOQ {label}"] = ipex_lite.llm.optimize(copy.deepcopy(bf16), dtype=torch.bfloat16,
                                                                        inplace=True, quantization_config=qc)

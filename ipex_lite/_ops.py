@@ -525,13 +525,14 @@ def _woq_rows(qweight, bits, in_features, group_size):
 
 
 @torch.library.register_fake("ipex_lite::woq_linear")
-def _woq_linear_fake(input, qweight, scales, zeros, bias, bits, in_features, group_size, lowp_int8=False):
+def _woq_linear_fake(input, qweight, scales, zeros, bias, bits, in_features, group_size, lowp_int8=False,
+                     codebook=None):
     n = _woq_rows(qweight, bits, in_features, group_size)
     torch._check(input.shape[-1] == in_features, lambda: f"woq_linear: input has {input.shape[-1]} features")
     return input.new_empty((*input.shape[:-1], n))
 
 
 @torch.library.register_fake("ipex_lite::woq_dequantize")
-def _woq_dequantize_fake(qweight, scales, zeros, bits, in_features, group_size):
+def _woq_dequantize_fake(qweight, scales, zeros, bits, in_features, group_size, codebook=None):
     n = _woq_rows(qweight, bits, in_features, group_size)
     return qweight.new_empty((n, in_features), dtype=torch.bfloat16)

@@ -71,6 +71,8 @@ is extended.
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ipex-lite-run", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        # a program option that merely starts like a launcher flag (--n, --instance) must reach the program
+        allow_abbrev=False,
         description="Launch a PyTorch CPU program as one or more instances pinned to cores, with a "
                     "tuned memory allocator and OpenMP environment (IPEX ipexrun-compatible flags).")
     g = p.add_argument_group("instances and cores")

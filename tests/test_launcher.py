@@ -394,6 +394,11 @@ def test_program_args_pass_through():
     args = build_parser().parse_args(["--ninstances", "2", "script.py", "--foo", "1", "--ninstances", "9"])
     assert args.ninstances == 2 and args.program == "script.py"
     assert args.program_args == ["--foo", "1", "--ninstances", "9"]
+    # a program option that is only a prefix of a launcher flag is the program's (no abbreviations)
+    args = build_parser().parse_args(["script.py", "--n", "3", "--log", "x"])
+    assert args.ninstances is None and args.program_args == ["--n", "3", "--log", "x"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--ninst", "2", "script.py"])
 
 
 def test_build_argv():

@@ -20,7 +20,7 @@ from torch import nn
 
 import ipex_lite
 from ipex_lite import quantization as q
-from ipex_lite.quantization._woq import _pack_int4, _unpack_int4, quantize_tensor
+from ipex_lite.quantization._woq import _pack_int4, _unpack_int4, nf4_codebook, quantize_tensor
 from isa_levels import LEVELS, run_at_level
 
 ops = torch.ops.ipex_lite
@@ -92,6 +92,66 @@ def test_lowp_int8_matches_quantized_activation_reference(bits, group):
                        ops.woq_linear(x, qw32, s32, z32, None, 4, k, 32, False))
 
 
+def reference_nf4(qweight, scales, k, group):
+    n = qweight.shape[0]
+    vals = nf4_codebook()[_unpack_int4(qweight).long()]
+    kp = vals.shape[1]
+    return (vals.view(n, kp // group, group) * scales.unsqueeze(-1)).view(n, kp)[:, :k]
+
+
+def test_nf4_codebook_and_quantization():
+    cb = nf4_codebook()
+    assert cb.shape == (16,) and cb[0] == -1 and cb[15] == 1 and cb[7] == 0 and (cb[1:] > cb[:-1]).all()
+    assert torch.equal(cb.bfloat16().float(), cb)  # exact in bf16: the bf16 kernels hold it as bf16
+    torch.manual_seed(0)
+    w = torch.randn(16, 256)
+    qw, s, z = quantize_tensor(w, 4, 64, cb)
+    assert z is None and torch.allclose(s, w.view(16, 4, 64).abs().amax(-1))
+    deq = reference_nf4(qw, s, 256, 64)
+    # the nearest code: no other code is closer to w / scale
+    r = (w.view(16, 4, 64) / s.unsqueeze(-1)).view(16, 256)
+    best = (r.unsqueeze(-1) - cb).abs().min(-1).values
+    assert torch.allclose((deq / s.repeat_interleave(64, 1) - r).abs(), best, atol=1e-6)
+
+
+@pytest.mark.parametrize("k,group", [(2048, 128), (256, -1), (100, -1), (256, 32), (384, 64), (512, 256)])
+@pytest.mark.parametrize("m", [1, 3, 9])
+def test_nf4_linear_matches_reference(k, group, m):
+    # groups of a multiple of 128 take the bf16 lanes kernel (vpermw look-up); others the fp32 kernel
+    torch.manual_seed(k + m)
+    n = 37
+    kp = (k + 31) // 32 * 32
+    g = kp if group == -1 else group
+    cb = nf4_codebook()
+    qw, s, _ = quantize_tensor(torch.randn(n, k) * 0.1, 4, g, cb)
+    ref_w = reference_nf4(qw, s, k, g)
+    bias = torch.randn(n)
+    x = torch.randn(m, k)
+    want = F.linear(x.double(), ref_w.double(), bias.double())
+    got = ops.woq_linear(x, qw, s, None, bias, 4, k, group, False, cb)
+    assert rel(got, want) < (1e-5 if m <= 8 else 1e-2)
+    xb = x.bfloat16()
+    want16 = F.linear(xb.double(), ref_w.double(), bias.double())
+    got16 = ops.woq_linear(xb, qw, s, None, bias.bfloat16(), 4, k, group, True, cb)  # lowp INT8: not for NF4
+    assert rel(got16, want16) < (1e-2 if m <= 8 else 2e-2)
+    assert rel(ops.woq_dequantize(qw, s, None, 4, k, group, cb), ref_w) < 2 ** -8
+
+
+def test_nf4_bad_input():
+    cb = nf4_codebook()
+    qw, s, z = quantize_tensor(torch.randn(8, 128), 4, 128)
+    x = torch.randn(1, 128)
+    with pytest.raises(RuntimeError, match="a codebook layer has no zero points"):
+        ops.woq_linear(x, qw, s, z, None, 4, 128, 128, False, cb)
+    with pytest.raises(RuntimeError, match="codebook must be a float32 CPU tensor of 16 values"):
+        ops.woq_linear(x, qw, s, None, None, 4, 128, 128, False, cb[:8])
+    with pytest.raises(RuntimeError, match="codebook value 1 .* is not exact in bfloat16"):
+        ops.woq_linear(x, qw, s, None, None, 4, 128, 128, False, cb + torch.tensor([0, 1e-4] + [0] * 14))
+    qw8, s8, _ = quantize_tensor(torch.randn(8, 128), 8, 128)
+    with pytest.raises(RuntimeError, match="a codebook is for 4-bit weights"):
+        ops.woq_linear(x, qw8, s8, None, None, 8, 128, 128, False, cb)
+
+
 def test_woq_bad_input():
     qw, s, z = quantize_tensor(torch.randn(8, 64), 4, 32)
     x = torch.randn(1, 64)
@@ -117,6 +177,10 @@ def test_opcheck_woq_ops():
     qw8, s8, _ = quantize_tensor(torch.randn(8, 64), 8, 64)
     torch.library.opcheck(ops.woq_linear, (torch.randn(9, 64), qw8, s8, None, None, 8, 64, 64))
     torch.library.opcheck(ops.woq_dequantize, (qw, s, z, 4, 64, 32))
+    qn, sn, _ = quantize_tensor(torch.randn(8, 128), 4, 128, nf4_codebook())
+    torch.library.opcheck(ops.woq_linear, (torch.randn(1, 128).bfloat16(), qn, sn, None, None, 4, 128, 128, False,
+                                           nf4_codebook()))
+    torch.library.opcheck(ops.woq_dequantize, (qn, sn, None, 4, 128, 128, nf4_codebook()))
 
 
 _LEVEL_SCRIPT = r"""
@@ -141,6 +205,16 @@ for bits in (8, 4):
             got = ops.woq_linear(xb, qw128, s128, z128, None, 4, 128, 128, True)
             want = F.linear(xb.double(), d128)
             res[f"lowp_m{m}"] = float((got.double() - want).abs().max() / want.abs().max())
+            # NF4, group 128 (the vpermw kernel where the level has bf16) and group 32 (fp32 kernel)
+            from ipex_lite.quantization._woq import nf4_codebook
+            cb = nf4_codebook()
+            for gs, kk in ((128, 128), (32, 200)):
+                qn, sn, _ = quantize_tensor(w[:, :kk], 4, gs, cb)
+                dn = ops.woq_dequantize(qn, sn, None, 4, kk, gs, cb).double()
+                for xin in (x[:, :kk], x[:, :kk].bfloat16()):
+                    got = ops.woq_linear(xin, qn, sn, None, None, 4, kk, gs, False, cb)
+                    want = F.linear(xin.double(), dn)
+                    res[f"nf4_g{gs}_{xin.dtype}_m{m}"] = float((got.double() - want).abs().max() / want.abs().max())
 print(json.dumps(res))
 """
 
@@ -189,15 +263,16 @@ def test_checkpoint_sizes_and_fresh_process_reload(tmp_path):
     linear_bytes = sum(m.weight.numel() * 2 for n, m in model.named_modules()
                        if isinstance(m, nn.Linear) and n != "lm_head")
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
-    for bits, group, ratio in ((8, -1, 1.95), (4, 128, 3.5)):
-        cfg = q.get_weight_only_quant_qconfig_mapping(
-            weight_dtype=q.WoqWeightDtype.INT8 if bits == 8 else q.WoqWeightDtype.INT4, group_size=group)
+    for wd, group, ratio in (("INT8", -1, 1.95), ("INT4", 128, 3.5), ("NF4", 128, 3.7)):
+        bits = 8 if wd == "INT8" else 4
+        cfg = q.get_weight_only_quant_qconfig_mapping(weight_dtype=q.WoqWeightDtype[wd], group_size=group)
         opt = ipex_lite.llm.optimize(model, dtype=torch.bfloat16, quantization_config=cfg)
         sd = opt.state_dict()
         woq_bytes = sum(t.numel() * t.element_size() for k, t in sd.items()
                         if k.rsplit(".", 1)[-1] in ("qweight", "scales", "qzeros") and not k.startswith("lm_head"))
         assert linear_bytes / woq_bytes > ratio, (bits, linear_bytes / woq_bytes)
-        path = tmp_path / f"woq{bits}.pt"
+        assert ("model.layers.0.mlp.down_proj.codebook" in sd) == (wd == "NF4")  # the checkpoint says what it holds
+        path = tmp_path / f"woq_{wd}.pt"
         with torch.no_grad():
             want = opt(ids).logits
         torch.save({"state_dict": sd, "ids": ids, "logits": want}, path)
@@ -210,7 +285,7 @@ cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hi
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 torch.manual_seed(123)  # other random weights: everything must come from the checkpoint
 model = LlamaForCausalLM(cfg).eval()
-qc = q.get_weight_only_quant_qconfig_mapping(weight_dtype={'q.WoqWeightDtype.INT8' if bits == 8 else 'q.WoqWeightDtype.INT4'}, group_size={group})
+qc = q.get_weight_only_quant_qconfig_mapping(weight_dtype=q.WoqWeightDtype.{wd}, group_size={group})
 opt = ipex_lite.llm.optimize(model, dtype=torch.bfloat16, quantization_config=qc, low_precision_checkpoint=saved["state_dict"])
 with torch.no_grad():
     got = opt(saved["ids"]).logits
@@ -280,7 +355,7 @@ def test_prepare_convert_any_model_and_bad_config():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 10)).eval()
     x = torch.randn(5, 64)
-    for wd, group in ((q.WoqWeightDtype.INT8, -1), (q.WoqWeightDtype.INT4, 32)):
+    for wd, group in ((q.WoqWeightDtype.INT8, -1), (q.WoqWeightDtype.INT4, 32), (q.WoqWeightDtype.NF4, 32)):
         cfg = q.get_weight_only_quant_qconfig_mapping(weight_dtype=wd, group_size=group, exclude=())
         qm = q.convert(q.prepare(model, cfg))
         assert all(isinstance(qm[i], q.WoqLinear) for i in (0, 2))
@@ -295,8 +370,8 @@ def test_prepare_convert_any_model_and_bad_config():
             group_size=64, exclude=()), inplace=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert isinstance(model[0], nn.Linear) and model[0].weight.dtype == torch.float32  # unchanged
-    with pytest.raises(NotImplementedError, match="NF4"):
-        q.get_weight_only_quant_qconfig_mapping(weight_dtype=q.WoqWeightDtype.NF4)
+    with pytest.raises(NotImplementedError, match="FP16"):
+        q.get_weight_only_quant_qconfig_mapping(lowp_mode=q.WoqLowpMode.FP16)
     with pytest.raises(ValueError, match="multiple of 32"):
         q.get_weight_only_quant_qconfig_mapping(group_size=48)
     with pytest.raises(TypeError, match="quantization_config must come from"):
@@ -378,13 +453,15 @@ def test_perplexity_of_woq_on_real_text(trained_llama):
     bf16 = ipex_lite.llm.optimize(model, dtype=torch.bfloat16)
     ppl = {"bf16": _perplexity(bf16, held_out)}
     assert ppl["bf16"] < 16, ppl  # it learned something (uniform bytes: 256)
-    for name, wd, group in (("int8", q.WoqWeightDtype.INT8, -1), ("int4_g128", q.WoqWeightDtype.INT4, 128)):
+    for name, wd, group in (("int8", q.WoqWeightDtype.INT8, -1), ("int4_g128", q.WoqWeightDtype.INT4, 128),
+                            ("nf4_g128", q.WoqWeightDtype.NF4, 128)):
         cfg = q.get_weight_only_quant_qconfig_mapping(weight_dtype=wd, group_size=group)
         ppl[name] = _perplexity(ipex_lite.llm.optimize(model, dtype=torch.bfloat16, quantization_config=cfg),
                                 held_out)
     # decoding (the GEMV kernels, where lowp INT8 quantizes the activations)
     for name, wd, lowp in (("bf16", None, None), ("int4_g128", q.WoqWeightDtype.INT4, q.WoqLowpMode.NONE),
-                           ("int4_g128_lowp_int8", q.WoqWeightDtype.INT4, q.WoqLowpMode.INT8)):
+                           ("int4_g128_lowp_int8", q.WoqWeightDtype.INT4, q.WoqLowpMode.INT8),
+                           ("nf4_g128", q.WoqWeightDtype.NF4, q.WoqLowpMode.NONE)):
         cfg = None if wd is None else q.get_weight_only_quant_qconfig_mapping(weight_dtype=wd, group_size=128,
                                                                               lowp_mode=lowp)
         ppl["decode_" + name] = _perplexity_decode(
@@ -394,3 +471,4 @@ def test_perplexity_of_woq_on_real_text(trained_llama):
     assert ppl["decode_int4_g128_lowp_int8"] <= ppl["decode_bf16"] * 1.05, ppl
     assert ppl["int8"] <= ppl["bf16"] * 1.01, ppl
     assert ppl["int4_g128"] <= ppl["bf16"] * 1.05, ppl
+    assert ppl["nf4_g128"] <= ppl["bf16"] * 1.05 and ppl["decode_nf4_g128"] <= ppl["decode_bf16"] * 1.05, ppl

@@ -14,19 +14,27 @@ namespace IPEX_LITE_ISA_NS {
 namespace {
 
 template <int BITS>
-inline float weight_at(const uint8_t* row, int64_t k) {
+inline float weight_at(const uint8_t* row, int64_t k, const float* codebook) {
   if constexpr (BITS == kWoqInt8) {
     return static_cast<float>(static_cast<int8_t>(row[k]));
   } else {
     const int64_t j = k & 31;
     const uint8_t byte = row[(k >> 5) * 16 + (j & 15)];
-    return static_cast<float>(j < 16 ? (byte & 15) : (byte >> 4));
+    const int q = j < 16 ? (byte & 15) : (byte >> 4);
+    return codebook != nullptr ? codebook[q] : static_cast<float>(q);
   }
 }
 
 inline void store_out(const WoqArgs& a, int64_t i, int64_t n, float v) {
   store_biased(a.y, a.y_bf16, i * a.ldy + n, v, a.bias, n);
 }
+
+#if defined(__AVX512F__)
+// 16 nibbles (one per 32-bit lane) as fp32: the integer, or its code book entry (vpermps reads 4 index bits)
+inline __m512 int4_values(__m512i q, const float* codebook) {
+  return codebook != nullptr ? _mm512_permutexvar_ps(q, _mm512_loadu_ps(codebook)) : _mm512_cvtepi32_ps(q);
+}
+#endif
 
 // res[i] = sum_k x[i, k] w[n, k] for the MB activation rows at x.
 template <int BITS, int MB>
@@ -50,8 +58,8 @@ void gemv_row(const WoqArgs& a, const float* x, const float* xsum, int64_t n, fl
             _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + 16))));
       } else {
         const __m512i raw = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
-        w0 = _mm512_cvtepi32_ps(_mm512_and_si512(raw, _mm512_set1_epi32(15)));
-        w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(raw, 4));
+        w0 = int4_values(_mm512_and_si512(raw, _mm512_set1_epi32(15)), a.codebook);
+        w1 = int4_values(_mm512_srli_epi32(raw, 4), a.codebook);
       }
 #pragma GCC unroll 4
       for (int i = 0; i < MB; ++i) {
@@ -71,7 +79,7 @@ void gemv_row(const WoqArgs& a, const float* x, const float* xsum, int64_t n, fl
   for (int64_t g = 0; g < groups; ++g) {
     float acc[MB] = {};
     for (int64_t k = g * a.group; k < (g + 1) * a.group; ++k) {
-      const float w = weight_at<BITS>(row, k);
+      const float w = weight_at<BITS>(row, k, a.codebook);
       for (int i = 0; i < MB; ++i) acc[i] += w * x[i * a.kp + k];
     }
     for (int i = 0; i < MB; ++i) {
@@ -233,13 +241,18 @@ void gemv_row_int4_bf16(const WoqArgs& a, int64_t i0, int64_t n, float* res) {
 // of every lane, masked and ORed with 0x4300 in one ternary-logic instruction, is a bf16 vector of 32
 // inputs (x_bf16_lanes' order): no widening shuffle, 7 integer instructions per 128 weights.  One
 // accumulator chain per nibble, so no chain waits on another's vdpbf16ps.
-template <int MB>
+template <int MB, bool CODEBOOK>
 void gemv_row_int4_lanes(const WoqArgs& a, int64_t i0, int64_t n, float* res) {
   const int64_t groups = a.kp / a.group;
   const uint8_t* row = a.w + n * a.ldw;
   const float* sc = a.scales + n * groups;
   const float* zp = a.zeros != nullptr ? a.zeros + n * groups : nullptr;
   const __m512i nib = _mm512_set1_epi16(15), off = _mm512_set1_epi16(0x4300);
+  __m512i table = nib;
+  if constexpr (CODEBOOK) {
+    const __m256i half = f32x16_to_bf16(_mm512_loadu_ps(a.codebook));
+    table = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
+  }
   __m512 tot[MB];
   for (int i = 0; i < MB; ++i) tot[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
@@ -248,10 +261,18 @@ void gemv_row_int4_lanes(const WoqArgs& a, int64_t i0, int64_t n, float* res) {
     for (int64_t k = g * a.group; k < (g + 1) * a.group; k += 128) {
       _mm_prefetch(reinterpret_cast<const char*>(row + k / 2) + kPrefetchBytes, _MM_HINT_T0);
       const __m512i w = _mm512_loadu_si512(row + k / 2);
-      const __m512bh p0 = (__m512bh)_mm512_ternarylogic_epi32(w, nib, off, kAndOr);
-      const __m512bh p1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), nib, off, kAndOr);
-      const __m512bh p2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 8), nib, off, kAndOr);
-      const __m512bh p3 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(w, 12), off);
+      __m512bh p0, p1, p2, p3;
+      if constexpr (CODEBOOK) {  // vpermw reads 5 index bits: the table holds the code book twice
+        p0 = (__m512bh)_mm512_permutexvar_epi16(w, table);
+        p1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table);
+        p2 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 8), table);
+        p3 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 12), table);
+      } else {
+        p0 = (__m512bh)_mm512_ternarylogic_epi32(w, nib, off, kAndOr);
+        p1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), nib, off, kAndOr);
+        p2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 8), nib, off, kAndOr);
+        p3 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(w, 12), off);
+      }
 #pragma GCC unroll 4
       for (int i = 0; i < MB; ++i) {
         const uint16_t* x = a.x_bf16_lanes + (i0 + i) * a.kp + k;
@@ -267,8 +288,10 @@ void gemv_row_int4_lanes(const WoqArgs& a, int64_t i0, int64_t n, float* res) {
       tot[i] = _mm512_fmadd_ps(sum, s, tot[i]);
     }
   }
-  for (int i = 0; i < MB; ++i)
-    res[i] = _mm512_reduce_add_ps(tot[i]) - offset_term(sc, zp, a.xsum + (i0 + i) * groups, groups, 128.f);
+  for (int i = 0; i < MB; ++i) {
+    res[i] = _mm512_reduce_add_ps(tot[i]);
+    if constexpr (!CODEBOOK) res[i] -= offset_term(sc, zp, a.xsum + (i0 + i) * groups, groups, 128.f);
+  }
 }
 
 // int8, groups of a multiple of 64: a 64-byte load is 32 16-bit lanes holding an even and an odd input's
@@ -337,8 +360,10 @@ inline void gemv_row_bf16(const WoqArgs& a, int64_t i0, int64_t n, float* res) {
     } else {
       gemv_row_int8_bf16<MB>(a, i0, n, res);
     }
+  } else if (a.codebook != nullptr) {  // the op sends code book layers here only for groups of 128k
+    gemv_row_int4_lanes<MB, true>(a, i0, n, res);
   } else if (a.group % 128 == 0) {
-    gemv_row_int4_lanes<MB>(a, i0, n, res);
+    gemv_row_int4_lanes<MB, false>(a, i0, n, res);
   } else {
     gemv_row_int4_bf16<MB>(a, i0, n, res);
   }
@@ -469,8 +494,8 @@ void dequant(const WoqArgs& a, int64_t k, uint16_t* out, int64_t n_begin, int64_
               _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c + 16))));
         } else {
           const __m512i raw = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2)));
-          w0 = _mm512_cvtepi32_ps(_mm512_and_si512(raw, _mm512_set1_epi32(15)));
-          w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(raw, 4));
+          w0 = int4_values(_mm512_and_si512(raw, _mm512_set1_epi32(15)), a.codebook);
+          w1 = int4_values(_mm512_srli_epi32(raw, 4), a.codebook);
         }
         // (q - z) s as q s - z s: the same rounding as the scalar tail below would differ in the last bit
         // only through the FMA, and both round to bf16 afterwards
@@ -484,7 +509,7 @@ void dequant(const WoqArgs& a, int64_t k, uint16_t* out, int64_t n_begin, int64_
     for (; c < k; ++c) {
       const int64_t g = c / a.group;
       const float z = zp != nullptr ? zp[g] : 0.f;
-      o[c] = f32_to_bf16(weight_at<BITS>(row, c) * sc[g] - z * sc[g]);
+      o[c] = f32_to_bf16(weight_at<BITS>(row, c, a.codebook) * sc[g] - z * sc[g]);
     }
   }
 }

@@ -6,7 +6,7 @@
 //   int8: (n, kp) int8, w = q * scale[n, g]
 //   int4: (n, kp / 2) uint8; in each block of 32 inputs, byte j holds input j (low nibble) and input j + 16
 //         (high nibble), so one 16-byte load widens into two 16-lane vectors of consecutive inputs;
-//         w = (q - zero[n, g]) * scale[n, g]
+//         w = (q - zero[n, g]) * scale[n, g], or codebook[q] * scale[n, g] (NF4)
 // kp is the input size rounded up to 32 (padding weights are 0, padding inputs too); groups are `group`
 // inputs (a multiple of 32 dividing kp) and there are kp / group of them per row.
 #pragma once
@@ -43,6 +43,9 @@ struct WoqArgs {
   int64_t ldw;
   const float* scales;  // (n, kp / group)
   const float* zeros;   // (n, kp / group) or null (symmetric)
+  // int4 only: 16 values a nibble stands for (NF4's code book, each exact in bf16), w = codebook[q] * scale
+  // (no zero points); null: w = (q - zero) * scale
+  const float* codebook;
   const float* bias;    // (n) or null
   void* y;              // (m, n) fp32 or bf16, row stride ldy
   int64_t ldy;

@@ -61,8 +61,30 @@ Packed check_packed(const char* op, const at::Tensor& qweight, const at::Tensor&
   return p;
 }
 
-kernels::WoqArgs make_args(const Packed& p, const at::Tensor& qw, const at::Tensor& sc, const at::Tensor& zp) {
+// A 4-bit code book (NF4): 16 float32 values, each exact in bf16 (the bf16 kernels hold it as bf16), for int4
+// weights without zero points.
+at::Tensor check_codebook(const char* op, const std::optional<at::Tensor>& codebook, int64_t bits,
+                          const std::optional<at::Tensor>& zeros) {
+  if (!codebook.has_value() || !codebook->defined()) return at::Tensor();
+  const at::Tensor& c = *codebook;
+  TORCH_CHECK(bits == 4, op, ": a codebook is for 4-bit weights, got bits=", bits);
+  TORCH_CHECK(!(zeros.has_value() && zeros->defined()), op, ": a codebook layer has no zero points");
+  TORCH_CHECK(c.device().is_cpu() && c.layout() == at::kStrided && c.scalar_type() == at::kFloat && c.dim() == 1 &&
+                  c.size(0) == 16,
+              op, ": codebook must be a float32 CPU tensor of 16 values, got ", c.scalar_type(), " ", c.sizes());
+  at::Tensor cc = c.contiguous();
+  const float* v = cc.data_ptr<float>();
+  for (int i = 0; i < 16; ++i) {
+    TORCH_CHECK(std::isfinite(v[i]) && static_cast<float>(c10::BFloat16(v[i])) == v[i], op, ": codebook value ", i,
+                " (", v[i], ") is not exact in bfloat16");
+  }
+  return cc;
+}
+
+kernels::WoqArgs make_args(const Packed& p, const at::Tensor& qw, const at::Tensor& sc, const at::Tensor& zp,
+                           const at::Tensor& cb) {
   kernels::WoqArgs a{};
+  a.codebook = cb.defined() ? cb.data_ptr<float>() : nullptr;
   a.kp = p.kp;
   a.group = p.group;
   a.w = reinterpret_cast<const uint8_t*>(qw.data_ptr());
@@ -185,13 +207,15 @@ ActivationForms activation_forms(const at::Tensor& x2d, const Packed& p, bool bf
 }
 
 at::Tensor woq_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
-                          int64_t bits, int64_t in_features, int64_t group_size) {
+                          int64_t bits, int64_t in_features, int64_t group_size,
+                          const std::optional<at::Tensor>& codebook) {
   const Packed p = check_packed("woq_dequantize", qweight, scales, zeros, bits, in_features, group_size);
+  const at::Tensor cb = check_codebook("woq_dequantize", codebook, bits, zeros);
   const at::Tensor qw = qweight.stride(1) == 1 ? qweight : qweight.contiguous();
   const at::Tensor sc = scales.contiguous();
   const at::Tensor zp = zeros.has_value() && zeros->defined() ? zeros->contiguous() : at::Tensor();
   at::Tensor out = at::empty({p.n, p.k}, qweight.options().dtype(at::kBFloat16));
-  const kernels::WoqArgs a = make_args(p, qw, sc, zp);
+  const kernels::WoqArgs a = make_args(p, qw, sc, zp, cb);
   const auto fn = IPEX_LITE_KERNEL_TABLE(woq_kernels).dequant[bits == 8 ? kernels::kWoqInt8 : kernels::kWoqInt4];
   auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   at::parallel_for(0, p.n, 16, [&](int64_t b, int64_t e) { fn(a, p.k, dst, b, e); });
@@ -200,9 +224,11 @@ at::Tensor woq_dequantize(const at::Tensor& qweight, const at::Tensor& scales, c
 
 at::Tensor woq_linear(const at::Tensor& input, const at::Tensor& qweight, const at::Tensor& scales,
                       const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias, int64_t bits,
-                      int64_t in_features, int64_t group_size, bool lowp_int8) {
+                      int64_t in_features, int64_t group_size, bool lowp_int8,
+                      const std::optional<at::Tensor>& codebook) {
   const char* op = "woq_linear";
   const Packed p = check_packed(op, qweight, scales, zeros, bits, in_features, group_size);
+  const at::Tensor cb = check_codebook(op, codebook, bits, zeros);
   TORCH_CHECK(input.device().is_cpu() && input.layout() == at::kStrided, op, ": input must be a dense CPU tensor");
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16, op,
               ": input must be float32 or bfloat16, got ", input.scalar_type());
@@ -217,7 +243,7 @@ at::Tensor woq_linear(const at::Tensor& input, const at::Tensor& qweight, const 
   out_shape.back() = p.n;
   const int64_t m = input.numel() / p.k;
   if (m > kMaxGemvRows) {  // prefill: a GEMM on the dequantized weight
-    at::Tensor w = woq_dequantize(qweight, scales, zeros, bits, in_features, group_size);
+    at::Tensor w = woq_dequantize(qweight, scales, zeros, bits, in_features, group_size, codebook);
     if (input.scalar_type() == at::kFloat) w = w.to(at::kFloat);
     const at::Tensor b = has_bias ? bias->to(input.scalar_type()) : at::Tensor();
     return at::linear(input, w, has_bias ? std::optional<at::Tensor>(b) : std::nullopt);
@@ -228,16 +254,18 @@ at::Tensor woq_linear(const at::Tensor& input, const at::Tensor& qweight, const 
   const at::Tensor sc = scales.contiguous();
   const at::Tensor zp = zeros.has_value() && zeros->defined() ? zeros->contiguous() : at::Tensor();
   // bf16 activations (exact in bf16) take the vdpbf16ps path where the CPU has it
+  // (code book layers: groups of a multiple of 128 inputs; the others take the fp32 path)
   const bool bf16_path = input.scalar_type() == at::kBFloat16 &&
-                         dispatch::active_isa_level() >= dispatch::IsaLevel::kAvx512Bf16;
+                         dispatch::active_isa_level() >= dispatch::IsaLevel::kAvx512Bf16 &&
+                         (!cb.defined() || p.group % 128 == 0);
   // lowp INT8 runs where the kernels have VNNI and a load never straddles groups; elsewhere the activations
   // stay in bf16/fp32 (the result only gets closer to the float one)
   const auto& kt = IPEX_LITE_KERNEL_TABLE(woq_kernels);
-  const bool int8_path = lowp_int8 && kt.has_vnni && p.group % (bits == 4 ? 128 : 64) == 0;
+  const bool int8_path = lowp_int8 && kt.has_vnni && !cb.defined() && p.group % (bits == 4 ? 128 : 64) == 0;
   const ActivationForms xf = activation_forms(input.reshape({m, p.k}).contiguous(), p, bf16_path && !int8_path,
                                               int8_path);
   const at::Tensor bf = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  kernels::WoqArgs a = make_args(p, qw, sc, zp);
+  kernels::WoqArgs a = make_args(p, qw, sc, zp, cb);
   a.x = xf.x;
   a.xsum = xf.xsum;
   a.x_bf16 = xf.x_bf16;
@@ -261,10 +289,10 @@ at::Tensor woq_linear(const at::Tensor& input, const at::Tensor& qweight, const 
 TORCH_LIBRARY_FRAGMENT(ipex_lite, m) {
   m.def(
       "woq_linear(Tensor input, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int bits, "
-      "int in_features, int group_size, bool lowp_int8=False) -> Tensor");
+      "int in_features, int group_size, bool lowp_int8=False, Tensor? codebook=None) -> Tensor");
   m.def(
-      "woq_dequantize(Tensor qweight, Tensor scales, Tensor? zeros, int bits, int in_features, int group_size) "
-      "-> Tensor");
+      "woq_dequantize(Tensor qweight, Tensor scales, Tensor? zeros, int bits, int in_features, int group_size, "
+      "Tensor? codebook=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ipex_lite, CPU, m) {

@@ -1,5 +1,5 @@
-"""Weight-only quantization (IPEX names): int8 or int4 weights with group-wise scales, activations kept in
-bf16/fp32.  Decoding reads 2x (int8) or ~3.6x (int4, group 128) fewer weight bytes per token than bf16.
+"""Weight-only quantization (IPEX names): int8, int4 or NF4 weights with group-wise scales, activations kept
+in bf16/fp32.  Decoding reads 2x (int8) or ~3.6x (int4, group 128) fewer weight bytes per token than bf16.
 
     from ipex_lite.quantization import get_weight_only_quant_qconfig_mapping, WoqWeightDtype
     qconfig = get_weight_only_quant_qconfig_mapping(weight_dtype=WoqWeightDtype.INT4, group_size=128)
@@ -8,7 +8,8 @@ bf16/fp32.  Decoding reads 2x (int8) or ~3.6x (int4, group 128) fewer weight byt
     model = ipex_lite.quantization.convert(ipex_lite.quantization.prepare(model, qconfig))
 
 int8 weights are symmetric (one scale per group of inputs of each output row); int4 weights are
-asymmetric (a scale and a zero point per group, GPTQ-style).  ``WoqLinear.state_dict()`` holds the packed
+asymmetric (a scale and a zero point per group, GPTQ-style); NF4 weights are 4-bit indices into the
+NormalFloat4 code book times a per-group absmax scale (QLoRA's format).  ``WoqLinear.state_dict()`` holds the packed
 weights (``qweight``), ``scales`` and ``qzeros``; a checkpoint reloads into a model built from its config
 through ``ipex_lite.llm.optimize(..., low_precision_checkpoint=state_dict)``, which also reads the GPTQ
 layout (``qweight``/``qzeros`` int32, ``scales``, ``g_idx``).
@@ -67,6 +68,10 @@ class WoqConfig:
     def bits(self) -> int:
         return 8 if self.weight_dtype == WoqWeightDtype.INT8 else 4
 
+    @property
+    def codebook(self) -> Optional[torch.Tensor]:
+        return nf4_codebook() if self.weight_dtype == WoqWeightDtype.NF4 else None
+
     def excluded(self, name: str) -> bool:
         return any(name == e or name.endswith("." + e) for e in self.exclude)
 
@@ -75,18 +80,29 @@ def get_weight_only_quant_qconfig_mapping(*, weight_dtype: int = WoqWeightDtype.
                                           lowp_mode: int = WoqLowpMode.NONE,
                                           act_quant_mode: int = WoqActQuantMode.PER_BATCH_IC_BLOCK_SYM,
                                           group_size: int = -1, exclude: Iterable[str] = ("lm_head",)) -> WoqConfig:
-    """IPEX's name and keywords.  ``group_size``: -1 (one group per output row) or a multiple of 32."""
+    """IPEX's name and keywords.  ``weight_dtype``: INT8 (symmetric), INT4 (asymmetric) or NF4;
+    ``group_size``: -1 (one group per output row) or a multiple of 32; ``exclude``: layers kept in the
+    model's dtype (full names or last name components)."""
     weight_dtype = WoqWeightDtype(int(weight_dtype))
     lowp_mode = WoqLowpMode(int(lowp_mode))
-    if weight_dtype == WoqWeightDtype.NF4:
-        raise NotImplementedError("weight-only quantization: NF4 weights are not implemented in this release; "
-                                  "use WoqWeightDtype.INT4 (asymmetric, group-wise) or INT8")
     if lowp_mode == WoqLowpMode.FP16:
         raise NotImplementedError("weight-only quantization: lowp_mode FP16 is not implemented; use NONE or BF16")
     if not isinstance(group_size, int) or (group_size != -1 and (group_size <= 0 or group_size % 32)):
         raise ValueError(f"weight-only quantization: group_size must be -1 or a positive multiple of 32, got "
                          f"{group_size!r}")
     return WoqConfig(weight_dtype, lowp_mode, WoqActQuantMode(int(act_quant_mode)), group_size, tuple(exclude))
+
+
+# NormalFloat4 (QLoRA): the 16 quantiles of a standard normal scaled to [-1, 1], with an exact zero; stored
+# rounded to bf16 so that the bf16 kernels and the reference dequantization agree exactly.
+_NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+
+
+def nf4_codebook() -> torch.Tensor:
+    """The NF4 code book as the kernels take it: 16 float32 values, each exact in bf16."""
+    return torch.tensor(_NF4, dtype=torch.bfloat16).float()
 
 
 def _padded(k: int) -> int:
@@ -117,13 +133,22 @@ def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((blocks & 15, blocks >> 4), 2).reshape(n, half * 2)
 
 
-def quantize_tensor(w: torch.Tensor, bits: int, group: int):
-    """(qweight, scales, zeros or None) of a float (n, k) weight, in WoqLinear's layout."""
+def quantize_tensor(w: torch.Tensor, bits: int, group: int, codebook: Optional[torch.Tensor] = None):
+    """(qweight, scales, zeros or None) of a float (n, k) weight, in WoqLinear's layout.  With a 4-bit
+    ``codebook`` (NF4): scale = max |w| of the group, q = the nearest code of w / scale, no zero points."""
     n, k = w.shape
     kp = _padded(k)
     wf = torch.zeros(n, kp, dtype=torch.float32)
     wf[:, :k] = w.detach().float()
     g = wf.view(n, kp // group, group)
+    if codebook is not None:
+        scales = g.abs().amax(-1)
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        r = g / scales.unsqueeze(-1)
+        # nearest code: the code book is sorted, so count the midpoints below each value
+        mids = (codebook[1:] + codebook[:-1]) / 2
+        q = torch.bucketize(r, mids).view(n, kp)
+        return _pack_int4(q), scales.contiguous(), None
     if bits == 8:
         scales = g.abs().amax(-1) / 127
         scales = torch.where(scales > 0, scales, torch.ones_like(scales))
@@ -150,15 +175,18 @@ class WoqPreparedModel(nn.Module):
 
 
 class WoqLinear(nn.Module):
-    """A Linear with weight-only quantized weights (buffers ``qweight``, ``scales``, ``qzeros``; ``bias``).
+    """A Linear with weight-only quantized weights (buffers ``qweight``, ``scales``, ``qzeros`` (int4) or
+    ``codebook`` (NF4); ``bias``).
     Few rows (decode) run the GEMV kernel over the packed weights; more rows dequantize to bf16 for a GEMM.
     ``perm`` (GPTQ act-order checkpoints) reorders the inputs to the stored group order."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = -1, bias: bool = False,
-                 dtype: torch.dtype = torch.bfloat16, name: str = "WoqLinear"):
+                 dtype: torch.dtype = torch.bfloat16, name: str = "WoqLinear", nf4: bool = False):
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"WoqLinear: bits must be 4 or 8, got {bits}")
+        if nf4 and bits != 4:
+            raise ValueError("WoqLinear: NF4 weights are 4-bit")
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.group = _check_group(name, in_features, group_size)
         kp = _padded(in_features)
@@ -166,7 +194,9 @@ class WoqLinear(nn.Module):
         self.register_buffer("qweight", torch.zeros(out_features, kp if bits == 8 else kp // 2,
                                                     dtype=torch.int8 if bits == 8 else torch.uint8))
         self.register_buffer("scales", torch.ones(out_features, groups))
-        self.register_buffer("qzeros", torch.zeros(out_features, groups) if bits == 4 else None)
+        self.register_buffer("qzeros", torch.zeros(out_features, groups) if bits == 4 and not nf4 else None)
+        # NF4: what each nibble stands for (kept in the state_dict, so a checkpoint says what it holds)
+        self.register_buffer("codebook", nf4_codebook() if nf4 else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self.register_buffer("perm", None)
         self.lowp_int8 = False  # WoqLowpMode.INT8: decode quantizes the activations per row (VNNI)
@@ -177,8 +207,9 @@ class WoqLinear(nn.Module):
         out_features, in_features = w.shape
         bias = getattr(layer, "bias", None)
         new = cls(in_features, out_features, config.bits, config.group_size, bias is not None,
-                  dtype=layer.weight.dtype, name=name or type(layer).__name__)
-        q, s, z = quantize_tensor(w, config.bits, new.group)
+                  dtype=layer.weight.dtype, name=name or type(layer).__name__,
+                  nf4=config.weight_dtype == WoqWeightDtype.NF4)
+        q, s, z = quantize_tensor(w, config.bits, new.group, new.codebook)
         new.qweight.copy_(q)
         new.scales.copy_(s)
         if z is not None:
@@ -191,7 +222,7 @@ class WoqLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The bf16 (out_features, in_features) weight these buffers stand for (input order of the model)."""
         w = torch.ops.ipex_lite.woq_dequantize(self.qweight, self.scales, self.qzeros, self.bits, self.in_features,
-                                               self.group)
+                                               self.group, self._codebook())
         if self.perm is not None:
             w = w[:, torch.argsort(self.perm)]
         return w
@@ -205,12 +236,17 @@ class WoqLinear(nn.Module):
         scales = self.scales if self.scales.dtype == torch.float32 else self.scales.float()
         zeros = self.qzeros if self.qzeros is None or self.qzeros.dtype == torch.float32 else self.qzeros.float()
         return torch.ops.ipex_lite.woq_linear(x, self.qweight, scales, zeros, self.bias, self.bits,
-                                              self.in_features, self.group, self.lowp_int8)
+                                              self.in_features, self.group, self.lowp_int8, self._codebook())
+
+    def _codebook(self) -> Optional[torch.Tensor]:
+        cb = self.codebook
+        return cb if cb is None or cb.dtype == torch.float32 else cb.float()  # survives model.to(bf16): exact
 
     def extra_repr(self) -> str:
         g = "per-row" if self.group == _padded(self.in_features) else f"group {self.group}"
-        lowp = ", int8 activations when decoding" if self.lowp_int8 else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} {g}{lowp}"
+        lowp = ", int8 activations when decoding" if self.lowp_int8 and self.codebook is None else ""
+        kind = "nf4" if self.codebook is not None else f"int{self.bits}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind} {g}{lowp}"
 
 
 def _quantizable(m: nn.Module) -> bool:
@@ -292,7 +328,7 @@ def woq_layers_from_checkpoint(model: nn.Module, checkpoint: Dict[str, torch.Ten
         qweight = checkpoint[name + ".qweight"]
         if qweight.dtype == torch.int32:
             parts = _from_gptq(name, checkpoint, in_features, out_features)
-            bits, group = 4, parts.pop("group")
+            bits, group, nf4 = 4, parts.pop("group"), False
         else:
             bits = 8 if qweight.dtype == torch.int8 else 4
             scales = checkpoint.get(name + ".scales")
@@ -301,10 +337,24 @@ def woq_layers_from_checkpoint(model: nn.Module, checkpoint: Dict[str, torch.Ten
             group = _padded(in_features) // scales.shape[1] if scales.shape[1] else 0
             parts = {key: checkpoint[f"{name}.{key}"] for key in ("qweight", "scales", "qzeros", "perm")
                      if f"{name}.{key}" in checkpoint}
+            cb = checkpoint.get(name + ".codebook")
+            if cb is not None and not torch.equal(cb.float(), nf4_codebook()):
+                raise ValueError(f"low_precision_checkpoint: {name}.codebook is not the NF4 code book")
+            nf4 = cb is not None
+            if bits == 4 and not nf4 and "qzeros" not in parts:
+                raise ValueError(f"low_precision_checkpoint: {name}: int4 weights without qzeros (or an NF4 "
+                                 "codebook)")
+        if group <= 0 or _padded(in_features) % group or group % 32:
+            raise ValueError(f"low_precision_checkpoint: {name}: {in_features} inputs do not split into the "
+                             f"checkpoint's groups")
         new = WoqLinear(in_features, out_features, bits, group if group != _padded(in_features) else -1,
-                        bias=getattr(m, "bias", None) is not None, dtype=m.weight.dtype, name=name)
+                        bias=getattr(m, "bias", None) is not None, dtype=m.weight.dtype, name=name,
+                        nf4=nf4)
         for key, t in parts.items():
             want = getattr(new, key)
+            if want is None and key != "perm":
+                raise ValueError(f"low_precision_checkpoint: {name}.{key} does not belong to a "
+                                 f"{new.extra_repr().split(', ')[-1]} layer")
             if want is not None and tuple(t.shape) != tuple(want.shape):
                 raise ValueError(f"low_precision_checkpoint: {name}.{key} has shape {tuple(t.shape)}, the layer "
                                  f"needs {tuple(want.shape)}")
@@ -344,10 +394,12 @@ def fuse_woq(*layers: WoqLinear) -> WoqLinear:
     first = layers[0]
     for lay in layers:
         if ((lay.in_features, lay.bits, lay.group) != (first.in_features, first.bits, first.group)
-                or lay.perm is not None or (lay.bias is None) != (first.bias is None)):
-            raise ValueError("fuse_woq: layers differ in inputs, bits, groups, input order or bias")
+                or lay.perm is not None or (lay.bias is None) != (first.bias is None)
+                or (lay.codebook is None) != (first.codebook is None)):
+            raise ValueError("fuse_woq: layers differ in inputs, bits, groups, code book, input order or bias")
     fused = WoqLinear(first.in_features, sum(lay.out_features for lay in layers), first.bits, first.group,
-                      bias=first.bias is not None, dtype=first.bias.dtype if first.bias is not None else torch.bfloat16)
+                      bias=first.bias is not None, dtype=first.bias.dtype if first.bias is not None else torch.bfloat16,
+                      nf4=first.codebook is not None)
     fused.lowp_int8 = first.lowp_int8
     for key in ("qweight", "scales", "qzeros", "bias"):
         if getattr(first, key) is None:

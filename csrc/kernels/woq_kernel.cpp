@@ -352,10 +352,53 @@ void gemv_row_int8_lanes(const WoqArgs& a, int64_t i0, int64_t n, float* res) {
     res[i] = _mm512_reduce_add_ps(tot[i]) - offset_term(sc, nullptr, a.xsum + (i0 + i) * groups, groups, 2304.f);
 }
 
+// int8 with two or more activation rows: the nibble kernels spend two vdpbf16ps per weight pair and row,
+// which bounds them there; int8 values are exact in bf16, so widening once (vcvtdq2ps + vcvtne2ps2bf16)
+// and one vdpbf16ps per 32 weights and row is cheaper.  x_bf16 in input order, symmetric weights.
+template <int MB>
+void gemv_row_int8_widened(const WoqArgs& a, int64_t i0, int64_t n, float* res) {
+  const int64_t groups = a.kp / a.group;
+  const uint8_t* row = a.w + n * a.ldw;
+  const float* sc = a.scales + n * groups;
+  auto widen = [&](int64_t k) {
+    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k))));
+    const __m512 w1 =
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + 16))));
+    return _mm512_cvtne2ps_pbh(w1, w0);
+  };
+  __m512 tot[MB];
+  for (int i = 0; i < MB; ++i) tot[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[MB][2];  // two chains per row: 2 x MB independent vdpbf16ps in flight
+    for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    const int64_t end = (g + 1) * a.group;
+    int64_t k = g * a.group;
+    for (; k + 64 <= end; k += 64) {
+      const __m512bh w0 = widen(k), w1 = widen(k + 32);
+#pragma GCC unroll 4
+      for (int i = 0; i < MB; ++i) {
+        const uint16_t* x = a.x_bf16 + (i0 + i) * a.kp + k;
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)_mm512_loadu_si512(x), w0);
+        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)_mm512_loadu_si512(x + 32), w1);
+      }
+    }
+    if (k < end) {  // groups of 32
+      const __m512bh w0 = widen(k);
+      for (int i = 0; i < MB; ++i)
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)_mm512_loadu_si512(a.x_bf16 + (i0 + i) * a.kp + k), w0);
+    }
+    const __m512 s = _mm512_set1_ps(sc[g]);
+    for (int i = 0; i < MB; ++i) tot[i] = _mm512_fmadd_ps(_mm512_add_ps(acc[i][0], acc[i][1]), s, tot[i]);
+  }
+  for (int i = 0; i < MB; ++i) res[i] = _mm512_reduce_add_ps(tot[i]);
+}
+
 template <int BITS, int MB>
 inline void gemv_row_bf16(const WoqArgs& a, int64_t i0, int64_t n, float* res) {
   if constexpr (BITS == kWoqInt8) {
-    if (a.x_bf16_lanes != nullptr) {
+    if constexpr (MB >= 2) {
+      gemv_row_int8_widened<MB>(a, i0, n, res);
+    } else if (a.x_bf16_lanes != nullptr) {
       gemv_row_int8_lanes<MB>(a, i0, n, res);
     } else {
       gemv_row_int8_bf16<MB>(a, i0, n, res);

@@ -14,7 +14,7 @@ from torch import nn
 
 import ipex_lite
 from ipex_lite import _C
-from ipex_lite.cpu.runtime import (CPUPool, MultiStreamModule, MultiStreamModuleHint, Task,
+from ipex_lite.cpu.runtime import (CPUPool, MultiStreamModule, MultiStreamModuleHint, Task, TaskFuture,
                                    get_core_list_of_node_id, pin)
 
 CORES = CPUPool().core_ids
@@ -58,6 +58,8 @@ def test_task_runs_pinned_and_surfaces_errors():
     x = torch.randn(5, 4)
     t2 = Task(lin, pool)
     assert torch.equal(t2.run_async(x).result(), lin(x))
+    future = t2(x)  # IPEX: calling a task is asynchronous, the future has get()
+    assert isinstance(future, TaskFuture) and torch.equal(future.get(), lin(x))
 
     def boom(v):
         raise KeyError(v)

@@ -27,7 +27,7 @@ from torch import nn
 
 from ... import _C
 
-__all__ = ["CPUPool", "pin", "Task", "MultiStreamModule", "MultiStreamModuleHint", "get_core_list_of_node_id",
+__all__ = ["CPUPool", "pin", "Task", "TaskFuture", "MultiStreamModule", "MultiStreamModuleHint", "get_core_list_of_node_id",
            "is_runtime_ext_enabled"]
 
 
@@ -118,11 +118,20 @@ def pin(cpu_pool: CPUPool):
         _C.bind_current_thread(old_cpus)
 
 
+class TaskFuture(concurrent.futures.Future):
+    """The result of an asynchronous ``Task`` call: a ``concurrent.futures.Future`` that also has IPEX's
+    ``get()`` (the same as ``result()``)."""
+
+    def get(self, timeout: Optional[float] = None):
+        return self.result(timeout)
+
+
 class Task:
     """A module or function run on its own worker thread bound to ``cpu_pool``.
 
-    ``run_async(*args, **kwargs)`` returns a ``concurrent.futures.Future``;
-    ``run_sync`` waits for it.  Calls run in submission order."""
+    As in IPEX, calling the task (or ``run_async``) queues the call and returns a :class:`TaskFuture`
+    at once (``future.get()`` waits for the result); ``run_sync`` waits itself.  Calls run in
+    submission order."""
 
     def __init__(self, module_or_fn: Union[nn.Module, Callable], cpu_pool: CPUPool):
         if not callable(module_or_fn):
@@ -160,10 +169,10 @@ class Task:
             except BaseException as e:  # noqa: BLE001 - surfaces in the caller through the future
                 future.set_exception(e)
 
-    def run_async(self, *args, **kwargs) -> concurrent.futures.Future:
+    def run_async(self, *args, **kwargs) -> TaskFuture:
         if not self._thread.is_alive():
             raise RuntimeError("Task: the worker thread has stopped")
-        future: concurrent.futures.Future = concurrent.futures.Future()
+        future = TaskFuture()
         # grad mode is thread-local: the worker uses the caller's
         self._queue.put((future, args, kwargs, torch.is_grad_enabled()))
         return future
@@ -171,8 +180,8 @@ class Task:
     def run_sync(self, *args, **kwargs):
         return self.run_async(*args, **kwargs).result()
 
-    def __call__(self, *args, **kwargs):
-        return self.run_sync(*args, **kwargs)
+    def __call__(self, *args, **kwargs) -> TaskFuture:
+        return self.run_async(*args, **kwargs)
 
     def close(self) -> None:
         if self._thread.is_alive():

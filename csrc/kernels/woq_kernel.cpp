@@ -121,69 +121,10 @@ constexpr int64_t kPrefetchBytes = 2048;
 
 inline __m512bh offset_bf16(__m512i v) { return (__m512bh)_mm512_or_si512(v, _mm512_set1_epi16(0x4300)); }
 
-// 32 int8 weights as bf16 (128 + low nibble) and (128 + high nibble) of u = q + 128.
-inline void int8_pieces(const uint8_t* p, __m512bh* lo, __m512bh* hi) {
-  const __m256i raw = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
-                                       _mm256_set1_epi8(static_cast<char>(0x80)));
-  const __m512i u = _mm512_cvtepu8_epi16(raw);
-  *lo = offset_bf16(_mm512_and_si512(u, _mm512_set1_epi16(15)));
-  *hi = offset_bf16(_mm512_srli_epi16(u, 4));
-}
-
-// int8, plain (n, kp) layout: u = q + 128 = 16 hi + lo, and
-// sum x q = sum x (128 + lo) + 16 sum x (128 + hi) - 2304 sum x.
-template <int MB>
-void gemv_row_int8_bf16(const WoqArgs& a, int64_t i0, int64_t n, float* res) {
-  const int64_t groups = a.kp / a.group;
-  const uint8_t* row = a.w + n * a.ldw;
-  const float* sc = a.scales + n * groups;
-  __m512 tot[MB];
-  float zterm[MB] = {};
-  for (int i = 0; i < MB; ++i) tot[i] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    // two 32-input blocks per step into separate lo/hi chains: a single dpbf16 chain's latency would bound
-    // a core below memory speed (the arrays are indexed by constants only, so they stay in registers)
-    __m512 lo0[MB], hi0[MB], lo1[MB], hi1[MB];
-    for (int i = 0; i < MB; ++i) lo0[i] = hi0[i] = lo1[i] = hi1[i] = _mm512_setzero_ps();
-    const int64_t end = (g + 1) * a.group;
-    int64_t k = g * a.group;
-    for (; k + 64 <= end; k += 64) {
-      __m512bh wl0, wh0, wl1, wh1;
-      int8_pieces(row + k, &wl0, &wh0);
-      int8_pieces(row + k + 32, &wl1, &wh1);
-#pragma GCC unroll 4
-      for (int i = 0; i < MB; ++i) {
-        const uint16_t* x = a.x_bf16 + (i0 + i) * a.kp + k;
-        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x), x1 = (__m512bh)_mm512_loadu_si512(x + 32);
-        lo0[i] = _mm512_dpbf16_ps(lo0[i], x0, wl0);
-        hi0[i] = _mm512_dpbf16_ps(hi0[i], x0, wh0);
-        lo1[i] = _mm512_dpbf16_ps(lo1[i], x1, wl1);
-        hi1[i] = _mm512_dpbf16_ps(hi1[i], x1, wh1);
-      }
-    }
-    if (k < end) {  // an odd block (groups of 32)
-      __m512bh wl0, wh0;
-      int8_pieces(row + k, &wl0, &wh0);
-      for (int i = 0; i < MB; ++i) {
-        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(a.x_bf16 + (i0 + i) * a.kp + k);
-        lo0[i] = _mm512_dpbf16_ps(lo0[i], x0, wl0);
-        hi0[i] = _mm512_dpbf16_ps(hi0[i], x0, wh0);
-      }
-    }
-    const __m512 s = _mm512_set1_ps(sc[g]);
-    for (int i = 0; i < MB; ++i) {
-      const __m512 l = _mm512_add_ps(lo0[i], lo1[i]), h = _mm512_add_ps(hi0[i], hi1[i]);
-      tot[i] = _mm512_fmadd_ps(_mm512_fmadd_ps(h, _mm512_set1_ps(16.f), l), s, tot[i]);
-      zterm[i] += sc[g] * 2304.f * a.xsum[(i0 + i) * groups + g];
-    }
-  }
-  for (int i = 0; i < MB; ++i) res[i] = _mm512_reduce_add_ps(tot[i]) - zterm[i];
-}
-
 // int4: 32 bytes are two 32-input blocks; widened to 16-bit lanes their low nibbles are inputs
-// [0, 16) [32, 48) and their high nibbles [16, 32) [48, 64) -- x_bf16_lanes' order for these groups.  fp32 lanes 0-7 then
-// hold the first block's products, 8-15 the second's, so a block pair may straddle two groups (group 32
-// or 64; larger groups take gemv_row_int4_lanes).
+// [0, 16) [32, 48) and their high nibbles [16, 32) [48, 64) -- x_bf16_lanes' order for these groups.
+// fp32 lanes 0-7 then hold the first block's products, 8-15 the second's, so a block pair may straddle
+// two groups (group 32 or 64; larger groups take gemv_row_int4_lanes).
 // sum x (q - z) = sum x (128 + q) - (128 + z) sum x.
 template <int MB>
 void gemv_row_int4_bf16(const WoqArgs& a, int64_t i0, int64_t n, float* res) {
@@ -294,67 +235,51 @@ void gemv_row_int4_lanes(const WoqArgs& a, int64_t i0, int64_t n, float* res) {
   }
 }
 
-// int8, groups of a multiple of 64: a 64-byte load is 32 16-bit lanes holding an even and an odd input's
-// weight; the low and high nibbles of u = q + 128 come out as bf16 (128 + nibble) by one shift and one
+// int8, one activation row, groups of a multiple of 64: a 64-byte load is 32 16-bit lanes holding an even
+// and an odd input's weight; the low and high nibbles of u = q + 128 come out as bf16 (128 + nibble) by one shift and one
 // ternary-logic instruction each (u's high nibble is the stored byte's XOR 8, folded into the same
 // instruction).  sum x q = sum x (128 + lo) + 16 sum x (128 + hi) - 2304 sum x.
-template <int MB>
 void gemv_row_int8_lanes(const WoqArgs& a, int64_t i0, int64_t n, float* res) {
-  // one or two 64-input blocks per step: with one, a single row's four vdpbf16ps chains each wait a full
-  // latency per block, below memory speed
-  constexpr int U = MB <= 2 ? 2 : 1;
   const int64_t groups = a.kp / a.group;
   const uint8_t* row = a.w + n * a.ldw;
   const float* sc = a.scales + n * groups;
+  const uint16_t* x = a.x_bf16_lanes + i0 * a.kp;
   const __m512i nib = _mm512_set1_epi16(15), off = _mm512_set1_epi16(0x4300), off_hi = _mm512_set1_epi16(0x4308);
-  __m512 tot[MB];
-  for (int i = 0; i < MB; ++i) tot[i] = _mm512_setzero_ps();
-  __m512 lo[MB][U][2], hi[MB][U][2];  // [row][block of the step][even, odd inputs]
+  __m512 tot = _mm512_setzero_ps();
+  // two 64-input blocks per step into separate chains: with one, each of the four vdpbf16ps chains waits a
+  // full latency per block, below memory speed
+  __m512 lo[2][2], hi[2][2];  // [block of the step][even, odd inputs]
   auto block = [&](int64_t k, auto u) {
     const __m512i w = _mm512_loadu_si512(row + k);
     const __m512bh l0 = (__m512bh)_mm512_ternarylogic_epi32(w, nib, off, kAndOr);
     const __m512bh h0 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), nib, off_hi, kAndXor);
     const __m512bh l1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 8), nib, off, kAndOr);
     const __m512bh h1 = (__m512bh)_mm512_xor_si512(_mm512_srli_epi16(w, 12), off_hi);
-#pragma GCC unroll 4
-    for (int i = 0; i < MB; ++i) {
-      const uint16_t* x = a.x_bf16_lanes + (i0 + i) * a.kp + k;
-      const __m512bh xe = (__m512bh)_mm512_loadu_si512(x), xo = (__m512bh)_mm512_loadu_si512(x + 32);
-      lo[i][u][0] = _mm512_dpbf16_ps(lo[i][u][0], xe, l0);
-      hi[i][u][0] = _mm512_dpbf16_ps(hi[i][u][0], xe, h0);
-      lo[i][u][1] = _mm512_dpbf16_ps(lo[i][u][1], xo, l1);
-      hi[i][u][1] = _mm512_dpbf16_ps(hi[i][u][1], xo, h1);
-    }
+    const __m512bh xe = (__m512bh)_mm512_loadu_si512(x + k), xo = (__m512bh)_mm512_loadu_si512(x + k + 32);
+    lo[u][0] = _mm512_dpbf16_ps(lo[u][0], xe, l0);
+    hi[u][0] = _mm512_dpbf16_ps(hi[u][0], xe, h0);
+    lo[u][1] = _mm512_dpbf16_ps(lo[u][1], xo, l1);
+    hi[u][1] = _mm512_dpbf16_ps(hi[u][1], xo, h1);
   };
   for (int64_t g = 0; g < groups; ++g) {
-    for (int i = 0; i < MB; ++i)
-      for (int u = 0; u < U; ++u) lo[i][u][0] = lo[i][u][1] = hi[i][u][0] = hi[i][u][1] = _mm512_setzero_ps();
+    for (int u = 0; u < 2; ++u) lo[u][0] = lo[u][1] = hi[u][0] = hi[u][1] = _mm512_setzero_ps();
     const int64_t end = (g + 1) * a.group;
     int64_t k = g * a.group;
-    if constexpr (U == 2) {
-      for (; k + 128 <= end; k += 128) {
-        block(k, std::integral_constant<int, 0>{});
-        block(k + 64, std::integral_constant<int, 1>{});
-      }
+    for (; k + 128 <= end; k += 128) {
+      block(k, std::integral_constant<int, 0>{});
+      block(k + 64, std::integral_constant<int, 1>{});
     }
-    for (; k < end; k += 64) block(k, std::integral_constant<int, 0>{});
-    const __m512 s = _mm512_set1_ps(sc[g]);
-    for (int i = 0; i < MB; ++i) {
-      __m512 l = _mm512_add_ps(lo[i][0][0], lo[i][0][1]), h = _mm512_add_ps(hi[i][0][0], hi[i][0][1]);
-      if constexpr (U == 2) {
-        l = _mm512_add_ps(l, _mm512_add_ps(lo[i][1][0], lo[i][1][1]));
-        h = _mm512_add_ps(h, _mm512_add_ps(hi[i][1][0], hi[i][1][1]));
-      }
-      tot[i] = _mm512_fmadd_ps(_mm512_fmadd_ps(h, _mm512_set1_ps(16.f), l), s, tot[i]);
-    }
+    if (k < end) block(k, std::integral_constant<int, 0>{});
+    const __m512 l = _mm512_add_ps(_mm512_add_ps(lo[0][0], lo[0][1]), _mm512_add_ps(lo[1][0], lo[1][1]));
+    const __m512 h = _mm512_add_ps(_mm512_add_ps(hi[0][0], hi[0][1]), _mm512_add_ps(hi[1][0], hi[1][1]));
+    tot = _mm512_fmadd_ps(_mm512_fmadd_ps(h, _mm512_set1_ps(16.f), l), _mm512_set1_ps(sc[g]), tot);
   }
-  for (int i = 0; i < MB; ++i)
-    res[i] = _mm512_reduce_add_ps(tot[i]) - offset_term(sc, nullptr, a.xsum + (i0 + i) * groups, groups, 2304.f);
+  res[0] = _mm512_reduce_add_ps(tot) - offset_term(sc, nullptr, a.xsum + i0 * groups, groups, 2304.f);
 }
 
-// int8 with two or more activation rows: the nibble kernels spend two vdpbf16ps per weight pair and row,
-// which bounds them there; int8 values are exact in bf16, so widening once (vcvtdq2ps + vcvtne2ps2bf16)
-// and one vdpbf16ps per 32 weights and row is cheaper.  x_bf16 in input order, symmetric weights.
+// int8 with two or more activation rows (or groups of 32): the nibble kernel spends two vdpbf16ps per
+// weight pair and row, which bounds it there; int8 values are exact in bf16, so widening once (vcvtdq2ps
+// + vcvtne2ps2bf16) and one vdpbf16ps per 32 weights and row is cheaper.  x_bf16 in input order.
 template <int MB>
 void gemv_row_int8_widened(const WoqArgs& a, int64_t i0, int64_t n, float* res) {
   const int64_t groups = a.kp / a.group;
@@ -396,12 +321,10 @@ void gemv_row_int8_widened(const WoqArgs& a, int64_t i0, int64_t n, float* res) 
 template <int BITS, int MB>
 inline void gemv_row_bf16(const WoqArgs& a, int64_t i0, int64_t n, float* res) {
   if constexpr (BITS == kWoqInt8) {
-    if constexpr (MB >= 2) {
-      gemv_row_int8_widened<MB>(a, i0, n, res);
-    } else if (a.x_bf16_lanes != nullptr) {
-      gemv_row_int8_lanes<MB>(a, i0, n, res);
+    if (MB == 1 && a.x_bf16_lanes != nullptr) {
+      gemv_row_int8_lanes(a, i0, n, res);
     } else {
-      gemv_row_int8_bf16<MB>(a, i0, n, res);
+      gemv_row_int8_widened<MB>(a, i0, n, res);
     }
   } else if (a.codebook != nullptr) {  // the op sends code book layers here only for groups of 128k
     gemv_row_int4_lanes<MB, true>(a, i0, n, res);

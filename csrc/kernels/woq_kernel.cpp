@@ -100,7 +100,8 @@ inline float offset_term(const float* sc, const float* zp, const float* xsum, in
     const __mmask16 mk = groups - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (groups - g)) - 1);
     __m512 o = _mm512_set1_ps(off);
     if (zp != nullptr) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(mk, zp + g));
-    acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, sc + g), o), _mm512_maskz_loadu_ps(mk, xsum + g), acc);
+    const __m512 so = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, sc + g), o);
+    acc = _mm512_fmadd_ps(so, _mm512_maskz_loadu_ps(mk, xsum + g), acc);
   }
   return _mm512_reduce_add_ps(acc);
 }
@@ -236,8 +237,8 @@ void gemv_row_int4_lanes(const WoqArgs& a, int64_t i0, int64_t n, float* res) {
 }
 
 // int8, one activation row, groups of a multiple of 64: a 64-byte load is 32 16-bit lanes holding an even
-// and an odd input's weight; the low and high nibbles of u = q + 128 come out as bf16 (128 + nibble) by one shift and one
-// ternary-logic instruction each (u's high nibble is the stored byte's XOR 8, folded into the same
+// and an odd input's weight; the low and high nibbles of u = q + 128 come out as bf16 (128 + nibble) by one
+// shift and one ternary-logic instruction each (u's high nibble is the stored byte's XOR 8, folded into the same
 // instruction).  sum x q = sum x (128 + lo) + 16 sum x (128 + hi) - 2304 sum x.
 void gemv_row_int8_lanes(const WoqArgs& a, int64_t i0, int64_t n, float* res) {
   const int64_t groups = a.kp / a.group;
@@ -286,9 +287,9 @@ void gemv_row_int8_widened(const WoqArgs& a, int64_t i0, int64_t n, float* res) 
   const uint8_t* row = a.w + n * a.ldw;
   const float* sc = a.scales + n * groups;
   auto widen = [&](int64_t k) {
-    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k))));
-    const __m512 w1 =
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + 16))));
+    const auto* p = reinterpret_cast<const __m128i*>(row + k);
+    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p)));
+    const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p + 1)));
     return _mm512_cvtne2ps_pbh(w1, w0);
   };
   __m512 tot[MB];

@@ -9,8 +9,9 @@ in bf16/fp32.  Decoding reads 2x (int8) or ~3.6x (int4, group 128) fewer weight 
 
 int8 weights are symmetric (one scale per group of inputs of each output row); int4 weights are
 asymmetric (a scale and a zero point per group, GPTQ-style); NF4 weights are 4-bit indices into the
-NormalFloat4 code book times a per-group absmax scale (QLoRA's format).  ``WoqLinear.state_dict()`` holds the packed
-weights (``qweight``), ``scales`` and ``qzeros``; a checkpoint reloads into a model built from its config
+NormalFloat4 code book times a per-group absmax scale (QLoRA's format).  ``WoqLinear.state_dict()`` holds
+the packed weights (``qweight``), ``scales`` and ``qzeros`` (``codebook`` for NF4); a checkpoint reloads
+into a model built from its config
 through ``ipex_lite.llm.optimize(..., low_precision_checkpoint=state_dict)``, which also reads the GPTQ
 layout (``qweight``/``qzeros`` int32, ``scales``, ``g_idx``).
 """
@@ -67,10 +68,6 @@ class WoqConfig:
     @property
     def bits(self) -> int:
         return 8 if self.weight_dtype == WoqWeightDtype.INT8 else 4
-
-    @property
-    def codebook(self) -> Optional[torch.Tensor]:
-        return nf4_codebook() if self.weight_dtype == WoqWeightDtype.NF4 else None
 
     def excluded(self, name: str) -> bool:
         return any(name == e or name.endswith("." + e) for e in self.exclude)
@@ -354,7 +351,7 @@ def woq_layers_from_checkpoint(model: nn.Module, checkpoint: Dict[str, torch.Ten
             want = getattr(new, key)
             if want is None and key != "perm":
                 raise ValueError(f"low_precision_checkpoint: {name}.{key} does not belong to a "
-                                 f"{new.extra_repr().split(', ')[-1]} layer")
+                                 f"{'nf4' if nf4 else f'int{bits}'} layer")
             if want is not None and tuple(t.shape) != tuple(want.shape):
                 raise ValueError(f"low_precision_checkpoint: {name}.{key} has shape {tuple(t.shape)}, the layer "
                                  f"needs {tuple(want.shape)}")

@@ -27,8 +27,8 @@ from torch import nn
 
 from ... import _C
 
-__all__ = ["CPUPool", "pin", "Task", "TaskFuture", "MultiStreamModule", "MultiStreamModuleHint", "get_core_list_of_node_id",
-           "is_runtime_ext_enabled"]
+__all__ = ["CPUPool", "pin", "Task", "TaskFuture", "MultiStreamModule", "MultiStreamModuleHint",
+           "get_core_list_of_node_id", "is_runtime_ext_enabled"]
 
 
 def _cpu_info():

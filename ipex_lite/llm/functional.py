@@ -18,10 +18,13 @@ _DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _kernel_ok(*tensors: Optional[torch.Tensor]) -> bool:
-    ts = [t for t in tensors if t is not None]
-    if any(t.device.type != "cpu" or t.layout != torch.strided or t.dtype not in _DTYPES for t in ts):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+    # a plain loop: this runs several times per decoder layer and token
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (not t.is_cpu or t.layout != torch.strided or t.dtype not in _DTYPES
+                              or (grad and t.requires_grad)):
+            return False
+    return True
 
 
 def _rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -171,6 +171,12 @@ class WoqPreparedModel(nn.Module):
         return self.model(*args, **kwargs)
 
 
+def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A later model.to(bf16) casts the float buffers too; the kernels read fp32 scales, zero points and code
+    book (the NF4 code book is exact in bf16, so the round trip loses nothing)."""
+    return t if t is None or t.dtype == torch.float32 else t.float()
+
+
 class WoqLinear(nn.Module):
     """A Linear with weight-only quantized weights (buffers ``qweight``, ``scales``, ``qzeros`` (int4) or
     ``codebook`` (NF4); ``bias``).
@@ -225,19 +231,17 @@ class WoqLinear(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self._buffers  # one dict instead of Module.__getattr__ per buffer: a decode step makes ~100 calls
         if x.dtype not in (torch.float32, torch.bfloat16):
             x = x.to(torch.bfloat16)
-        if self.perm is not None:
-            x = x.index_select(-1, self.perm)
-        # a later model.to(bf16) casts the float buffers too: the kernel reads fp32 scales and zero points
-        scales = self.scales if self.scales.dtype == torch.float32 else self.scales.float()
-        zeros = self.qzeros if self.qzeros is None or self.qzeros.dtype == torch.float32 else self.qzeros.float()
-        return torch.ops.ipex_lite.woq_linear(x, self.qweight, scales, zeros, self.bias, self.bits,
-                                              self.in_features, self.group, self.lowp_int8, self._codebook())
+        if b["perm"] is not None:
+            x = x.index_select(-1, b["perm"])
+        return torch.ops.ipex_lite.woq_linear(x, b["qweight"], _fp32(b["scales"]), _fp32(b["qzeros"]), b["bias"],
+                                              self.bits, self.in_features, self.group, self.lowp_int8,
+                                              _fp32(b["codebook"]))
 
     def _codebook(self) -> Optional[torch.Tensor]:
-        cb = self.codebook
-        return cb if cb is None or cb.dtype == torch.float32 else cb.float()  # survives model.to(bf16): exact
+        return _fp32(self.codebook)
 
     def extra_repr(self) -> str:
         g = "per-row" if self.group == _padded(self.in_features) else f"group {self.group}"

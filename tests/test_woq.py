@@ -472,3 +472,17 @@ def test_perplexity_of_woq_on_real_text(trained_llama):
     assert ppl["int8"] <= ppl["bf16"] * 1.01, ppl
     assert ppl["int4_g128"] <= ppl["bf16"] * 1.05, ppl
     assert ppl["nf4_g128"] <= ppl["bf16"] * 1.05 and ppl["decode_nf4_g128"] <= ppl["decode_bf16"] * 1.05, ppl
+
+
+def test_checkpoint_group_size_checked_before_anything_changes():
+    # the checkpoint's scales give a group of 16 inputs: refused by WoqLinear's group check, naming the layer
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    sd = q.convert(q.prepare(model, q.get_weight_only_quant_qconfig_mapping(group_size=32, exclude=()))).state_dict()
+    bad = dict(sd)
+    bad["2.scales"] = torch.ones(32, 4)  # 64 inputs / 4 groups = 16
+    fresh = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32))
+    with pytest.raises(ValueError, match="'2': group size 16 is not -1 or a positive multiple of 32"):
+        ipex_lite.llm.optimize(fresh, low_precision_checkpoint=bad, inplace=True)
+    assert isinstance(fresh[0], nn.Linear) and isinstance(fresh[2], nn.Linear)
+    with pytest.raises(ValueError, match="group size 48"):
+        q.WoqLinear(128, 8, 8, group_size=48, name="proj")

@@ -25,7 +25,8 @@ struct WoqArgs {
   const float* xsum;  // (m, kp / group): sum of x over each group (zero points; the bf16 path), or null
   // The same activations in bf16 when the input was bf16 (exact), else null.  x_bf16 is in input order;
   // x_bf16_lanes in the lane order of the bf16 kernel for the layer (null where that kernel reads x_bf16):
-  //   int8, group % 64 == 0: per 64 inputs, the even inputs then the odd ones (the two bytes of a 16-bit lane);
+  //   int8, group % 64 == 0, one activation row: per 64 inputs, the even inputs then the odd ones (the two
+  //     bytes of a 16-bit lane);
   //   int4, group % 128 == 0: per 128 inputs, 4 x 32 lanes, nibble v (bits 4v..4v+3) of 16-bit word j of the
   //     64 weight bytes: input 32 (j / 8) + 2 (j % 8) + (v >> 1) + 16 (v & 1);
   //   int4, other groups: per 64 inputs [0, 16) [32, 48) (low nibbles) then [16, 32) [48, 64) (high

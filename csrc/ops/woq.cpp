@@ -134,21 +134,32 @@ void fill_int8(int64_t m, const Packed& p, const ActivationForms& f) {
   }
 }
 
-// Where input c sits in x_bf16_lanes (woq_kernel.h): the lane order of the bf16 kernel the layer's group
-// size selects.
-int64_t bf16_lane(const Packed& p, int64_t c) {
+// One row of x_bf16_lanes (woq_kernel.h) from the input-order row xb: the lane order of the bf16 kernel
+// the layer's bits and group size select, chosen once per row (not per element: decode calls this ~100 times
+// a token).
+void fill_lanes(const Packed& p, const uint16_t* xb, uint16_t* xl) {
   if (p.bits == 8) {  // per 64 inputs: the even ones, then the odd ones
-    const int64_t r = c & 63;
-    return (c & ~int64_t(63)) + (r & 1) * 32 + r / 2;
+    for (int64_t b = 0; b < p.kp; b += 64)
+      for (int64_t j = 0; j < 32; ++j) {
+        xl[b + j] = xb[b + 2 * j];
+        xl[b + 32 + j] = xb[b + 2 * j + 1];
+      }
+  } else if (p.group % 128 == 0) {  // per 128 inputs: lane v * 32 + j is nibble v of 16-bit weight word j
+    for (int64_t b = 0; b < p.kp; b += 128)
+      for (int64_t v = 0; v < 4; ++v)
+        for (int64_t j = 0; j < 32; ++j) {
+          xl[b + v * 32 + j] = xb[b + 32 * (j / 8) + 2 * (j % 8) + (v >> 1) + 16 * (v & 1)];
+        }
+  } else {  // per 64 inputs [0,16) [32,48) [16,32) [48,64); the last 32 inputs as they are
+    const int64_t k64 = p.kp / 64 * 64;
+    for (int64_t b = 0; b < k64; b += 64) {
+      std::copy_n(xb + b, 16, xl + b);
+      std::copy_n(xb + b + 32, 16, xl + b + 16);
+      std::copy_n(xb + b + 16, 16, xl + b + 32);
+      std::copy_n(xb + b + 48, 16, xl + b + 48);
+    }
+    std::copy(xb + k64, xb + p.kp, xl + k64);
   }
-  if (p.group % 128 == 0) {  // per 128 inputs: nibble v of 16-bit word j holds input in(v, j)
-    const int64_t r = c & 127, t = r / 32, q = r % 32, hi = q / 16, pos = q % 16;
-    const int64_t j = t * 8 + pos / 2, v = (pos & 1) * 2 + hi;
-    return (c & ~int64_t(127)) + v * 32 + j;
-  }
-  const int64_t k64 = p.kp / 64 * 64, r = c & 63;  // [0,16) [32,48) [16,32) [48,64); the last 32 as they are
-  const int64_t d = c >= k64 ? r : (r < 16 || r >= 48 ? r : (r < 32 ? r + 16 : r - 16));
-  return (c & ~int64_t(63)) + d;
 }
 
 template <typename T>
@@ -166,8 +177,7 @@ void fill_forms(const T* src, int64_t m, const Packed& p, const ActivationForms&
     uint16_t* xb = f.x_bf16 + i * p.kp;
     for (int64_t c = 0; c < p.kp; ++c) xb[c] = c10::BFloat16(x[c]).x;  // exact: the input was bf16
     if (f.x_bf16_lanes == nullptr) continue;
-    uint16_t* xl = f.x_bf16_lanes + i * p.kp;
-    for (int64_t c = 0; c < p.kp; ++c) xl[bf16_lane(p, c)] = xb[c];
+    fill_lanes(p, xb, f.x_bf16_lanes + i * p.kp);
   }
 }
 
@@ -187,7 +197,7 @@ ActivationForms activation_forms(const at::Tensor& x2d, const Packed& p, bool bf
   f.xsum = reinterpret_cast<float*>(base + x_bytes);
   if (bf16_path) {
     f.x_bf16 = reinterpret_cast<uint16_t*>(base + x_bytes + sum_bytes);
-    if (p.bits == 4 || p.group % 64 == 0) {
+    if (p.bits == 4 || (m == 1 && p.group % 64 == 0)) {  // int8 reads them with one activation row only
       f.x_bf16_lanes = reinterpret_cast<uint16_t*>(base + x_bytes + sum_bytes + half_bytes);
     }
   }

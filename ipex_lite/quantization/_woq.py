@@ -111,6 +111,9 @@ def _check_group(name: str, in_features: int, group_size: int) -> int:
     kp = _padded(in_features)
     if group_size == -1:
         return kp
+    if group_size <= 0 or group_size % 32:
+        raise ValueError(f"weight-only quantization: {name!r}: group size {group_size} is not -1 or a positive "
+                         f"multiple of 32")
     if kp % group_size:
         raise ValueError(f"weight-only quantization: group_size {group_size} does not divide the input features of "
                          f"{name!r} ({in_features}, padded to {kp})")
@@ -225,7 +228,7 @@ class WoqLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The bf16 (out_features, in_features) weight these buffers stand for (input order of the model)."""
         w = torch.ops.ipex_lite.woq_dequantize(self.qweight, self.scales, self.qzeros, self.bits, self.in_features,
-                                               self.group, self._codebook())
+                                               self.group, _fp32(self.codebook))
         if self.perm is not None:
             w = w[:, torch.argsort(self.perm)]
         return w
@@ -239,9 +242,6 @@ class WoqLinear(nn.Module):
         return torch.ops.ipex_lite.woq_linear(x, b["qweight"], _fp32(b["scales"]), _fp32(b["qzeros"]), b["bias"],
                                               self.bits, self.in_features, self.group, self.lowp_int8,
                                               _fp32(b["codebook"]))
-
-    def _codebook(self) -> Optional[torch.Tensor]:
-        return _fp32(self.codebook)
 
     def extra_repr(self) -> str:
         g = "per-row" if self.group == _padded(self.in_features) else f"group {self.group}"
@@ -345,9 +345,6 @@ def woq_layers_from_checkpoint(model: nn.Module, checkpoint: Dict[str, torch.Ten
             if bits == 4 and not nf4 and "qzeros" not in parts:
                 raise ValueError(f"low_precision_checkpoint: {name}: int4 weights without qzeros (or an NF4 "
                                  "codebook)")
-        if group <= 0 or _padded(in_features) % group or group % 32:
-            raise ValueError(f"low_precision_checkpoint: {name}: {in_features} inputs do not split into the "
-                             f"checkpoint's groups")
         new = WoqLinear(in_features, out_features, bits, group if group != _padded(in_features) else -1,
                         bias=getattr(m, "bias", None) is not None, dtype=m.weight.dtype, name=name,
                         nf4=nf4)
